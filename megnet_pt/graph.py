@@ -1,0 +1,119 @@
+"""Crystal to graph: a periodic structure becomes a PyG ``Data``.
+
+Nodes are the atoms of the cell; ``node_type`` is each atom's index in the
+89-element vocabulary (``megnet_pt.elements``). Edges are every ordered pair
+``(i, j, n)`` with
+
+    0 < d_ij = | r_j + n · L - r_i | <= cutoff
+
+under full periodic boundary conditions, where ``n`` is the integer image of
+``j``. Edge source is ``i`` (the centre), target ``j`` (the neighbour), so
+each bond appears once in each direction.
+
+Fields of the returned ``Data``:
+    node_type   long [N]        element index
+    edge_index  long [2, E]     (source i, target j)
+    edge_dist   float32 [E]     d_ij in Å
+    edge_image  float32 [E, 3]  image n of the target
+    pos         float32 [N, 3]  Cartesian positions (Å)
+    lattice     float32 [1, 3, 3]
+    state       float32 [1, 2]  the graph attribute, [0, 0] for every crystal
+    id, formula str
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from pymatgen.core import Structure
+from pymatgen.optimization.neighbors import find_points_in_spheres
+from torch_geometric.data import Data
+
+from .elements import Z_TO_INDEX, UnsupportedElementError
+
+DEFAULT_CUTOFF = 4.0
+
+
+class StructureError(ValueError):
+    """A structure cannot be turned into a graph (named in the message)."""
+
+
+def as_structure(obj: Any, id: str | None = None) -> Structure:
+    """Accept a pymatgen ``Structure`` or an ASE ``Atoms``."""
+    if isinstance(obj, Structure):
+        return obj
+    if type(obj).__name__ == "Atoms" and type(obj).__module__.startswith("ase"):
+        if not all(obj.pbc) or obj.cell.rank < 3:
+            raise StructureError(f"{id or obj.get_chemical_formula()}: ASE Atoms must be periodic in 3D with a full cell")
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        return AseAtomsAdaptor.get_structure(obj)
+    raise TypeError(f"{id or 'structure'}: expected a pymatgen Structure or ASE Atoms, got {type(obj).__name__}")
+
+
+def element_indices(structure: Structure, id: str | None = None) -> np.ndarray:
+    """Element index of every site; clear errors for disorder and unknown elements."""
+    name = id or structure.formula
+    if len(structure) == 0:
+        raise StructureError(f"{name}: the structure has no sites")
+    if not structure.is_ordered:
+        bad = next(i for i, site in enumerate(structure) if not site.is_ordered)
+        raise StructureError(
+            f"{name}: site {bad} has partial occupancy ({structure[bad].species}); "
+            "disordered structures are not supported: order them first (e.g. pymatgen's OrderDisorderedStructureTransformation)"
+        )
+    z = np.array([getattr(site.specie, "Z", 0) for site in structure], dtype=np.int64)
+    index = np.array([Z_TO_INDEX[v] if 0 < v < len(Z_TO_INDEX) else -1 for v in z], dtype=np.int64)
+    if (index < 0).any():
+        missing = sorted({str(structure[i].specie) for i in np.flatnonzero(index < 0)})
+        raise UnsupportedElementError(
+            f"{name}: element(s) {', '.join(missing)} not in the model's 89-element vocabulary (H-Bi, Ac-Pu)"
+        )
+    return index
+
+
+def neighbor_list(
+    cart_coords: np.ndarray, lattice: np.ndarray, cutoff: float = DEFAULT_CUTOFF
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All (i, j, image, d) with 0 < d <= cutoff under periodic boundaries."""
+    coords = np.ascontiguousarray(cart_coords, dtype=float)
+    src, dst, images, dist = find_points_in_spheres(
+        coords,
+        coords,
+        r=float(cutoff),
+        pbc=np.array([1, 1, 1], dtype=np.int64),
+        lattice=np.ascontiguousarray(lattice, dtype=float),
+        tol=1e-8,
+    )
+    keep = dist > 1e-8
+    return src[keep].astype(np.int64), dst[keep].astype(np.int64), images[keep], dist[keep]
+
+
+def structure_to_graph(structure: Any, cutoff: float = DEFAULT_CUTOFF, id: str | None = None) -> Data:
+    """Build the MEGNet graph of one crystal (see the module docstring)."""
+    structure = as_structure(structure, id)
+    node_type = element_indices(structure, id)
+    lattice = structure.lattice.matrix
+    if abs(np.linalg.det(lattice)) < 1e-6:
+        raise StructureError(f"{id or structure.formula}: the lattice has zero volume")
+    src, dst, images, dist = neighbor_list(structure.cart_coords, lattice, cutoff)
+    return Data(
+        node_type=torch.from_numpy(node_type),
+        edge_index=torch.from_numpy(np.stack([src, dst])),
+        edge_dist=torch.from_numpy(dist.astype(np.float32)),
+        edge_image=torch.from_numpy(np.asarray(images, dtype=np.float32).reshape(-1, 3)),
+        pos=torch.from_numpy(structure.cart_coords.astype(np.float32)),
+        lattice=torch.from_numpy(lattice.astype(np.float32)).unsqueeze(0),
+        state=torch.zeros(1, 2),
+        num_nodes=len(structure),
+        id=id if id is not None else structure.composition.reduced_formula,
+        formula=structure.composition.reduced_formula,
+    )
+
+
+def isolated_atoms(data: Data) -> int:
+    """Number of atoms with no neighbour within the cutoff."""
+    has_neighbor = torch.zeros(data.num_nodes, dtype=torch.bool)
+    has_neighbor[data.edge_index[0]] = True
+    return int((~has_neighbor).sum())
