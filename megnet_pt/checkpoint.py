@@ -1,0 +1,113 @@
+"""Saving and loading MEGNet checkpoints: plain tensors and JSON-like metadata.
+
+A checkpoint is a ``dict`` saved with ``torch.save`` that loads with
+``torch.load(path, weights_only=True)``:
+
+    format      "megnet_pt.checkpoint"
+    version     1
+    name        model name
+    config      MEGNetConfig.to_dict()
+    elements    the element vocabulary (list of symbols)
+    target      {"mean": float, "std": float}: prediction = raw * std + mean
+    sources     {file name: sha256} of the files it was converted from
+    state_dict  parameters and buffers of ``MEGNet``
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .elements import ELEMENTS
+from .model import MEGNet, MEGNetConfig
+
+FORMAT = "megnet_pt.checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match the model."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(model: MEGNet, path: str | Path, name: str, sources: dict[str, str] | None = None) -> Path:
+    """Write atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": name,
+        "config": model.config.to_dict(),
+        "elements": list(ELEMENTS),
+        "target": {"mean": float(model.target_mean), "std": float(model.target_std)},
+        "sources": dict(sources or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and validate the checkpoint dict (no code is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                              "it may be truncated or corrupt: delete it and convert again") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a megnet_pt checkpoint (convert published weights with `python -m megnet_pt.convert`)")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not supported (expected {VERSION})")
+    if list(payload.get("elements", [])) != list(ELEMENTS):
+        raise CheckpointError(f"{path}: the checkpoint's element vocabulary differs from megnet_pt's 89-element list")
+    return payload
+
+
+def model_from_state(config: MEGNetConfig, state_dict: dict[str, torch.Tensor], where: str) -> MEGNet:
+    """Build a MEGNet and load ``state_dict``, naming every missing, unexpected or mis-shaped key."""
+    model = MEGNet(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(
+        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected))
+    if wrong:
+        problems.append("wrong shapes: " + ", ".join(wrong))
+    if problems:
+        raise CheckpointError(f"{where}: weights do not fit MEGNet; " + "; ".join(problems))
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def load_checkpoint(path: str | Path) -> MEGNet:
+    """A ``MEGNet`` in eval mode from a converted checkpoint."""
+    payload = read_checkpoint(path)
+    try:
+        config = MEGNetConfig.from_dict(payload["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad config in checkpoint ({exc})") from exc
+    return model_from_state(config, payload["state_dict"], str(path))

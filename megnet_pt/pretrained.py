@@ -1,0 +1,74 @@
+"""Find, convert and load published MEGNet models by name.
+
+``load_pretrained("MEGNet-MP-2018.6.1-Eform")`` looks, in order, for
+
+1. a converted checkpoint ``weights/<name>.pt`` (in the current folder) whose
+   recorded source hashes still match the published files, if those are present;
+2. the published files ``$PARAISITE_HOME/weights/<name>/{state.pt,model.json}``,
+   converted on the fly and the result saved to ``weights/<name>.pt``;
+3. a download of the published files into ``$PARAISITE_HOME/weights/<name>/``
+   (see ``megnet_pt.download``), then step 2.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from . import paths
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, sha256_file
+from .convert import convert_published
+from .model import MEGNet
+
+DEFAULT_MODEL = "MEGNet-MP-2018.6.1-Eform"
+
+
+def converted_path(name: str, weights_dir: str | Path | None = None) -> Path:
+    return Path(weights_dir or paths.local_weights_dir()) / f"{name}.pt"
+
+
+def _sources_match(checkpoint: Path, published: Path) -> bool:
+    recorded = read_checkpoint(checkpoint).get("sources", {})
+    return all(
+        recorded.get(f) == sha256_file(published / f) for f in ("state.pt", "model.json") if (published / f).is_file()
+    )
+
+
+def load_pretrained(name: str = DEFAULT_MODEL, weights_dir: str | Path | None = None, download: bool = True) -> MEGNet:
+    """The published model ``name`` as a ``MEGNet`` in eval mode (see the module docstring)."""
+    checkpoint = converted_path(name, weights_dir)
+    published = paths.weights_dir(name)
+    have_published = (published / "state.pt").is_file() and (published / "model.json").is_file()
+    if checkpoint.is_file():
+        try:
+            if not have_published or _sources_match(checkpoint, published):
+                return load_checkpoint(checkpoint)
+            print(f"{checkpoint}: converted from other files than {published}; converting again", file=sys.stderr)
+        except CheckpointError as exc:
+            print(f"{exc}; converting again", file=sys.stderr)
+    if not have_published:
+        if not download:
+            raise CheckpointError(
+                f"published weights {name!r} not found in {published} and no converted checkpoint at {checkpoint}; "
+                f"set {paths.ENV_VAR} to a folder holding weights/{name}/ or allow the download"
+            )
+        from .download import fetch_published_weights
+
+        published = fetch_published_weights(name)
+    model, sources = convert_published(published)
+    try:
+        save_checkpoint(model, checkpoint, name, sources)
+    except OSError as exc:  # read-only project folder: use the model, keep going
+        print(f"note: could not save {checkpoint} ({exc}); the model was converted in memory", file=sys.stderr)
+    return model
+
+
+def load_model(spec: str | Path) -> MEGNet:
+    """A model from a registered name, a converted checkpoint file, or a folder of published files."""
+    p = Path(spec)
+    if p.is_file():
+        return load_checkpoint(p)
+    if p.is_dir():
+        return convert_published(p)[0]
+    if str(spec).endswith(".pt"):
+        raise CheckpointError(f"{spec}: no such checkpoint file")
+    return load_pretrained(str(spec))
