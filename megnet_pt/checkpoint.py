@@ -14,13 +14,13 @@ A checkpoint is a ``dict`` saved with ``torch.save`` that loads with
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .download import sha256_file
 from .elements import ELEMENTS
 from .model import MEGNet, MEGNetConfig
 
@@ -30,14 +30,6 @@ VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(model: MEGNet, path: str | Path, name: str, sources: dict[str, str] | None = None) -> Path:
