@@ -1,0 +1,71 @@
+"""Benchmark: graph building and MEGNet prediction rates on the AFLOW structures.
+
+    python benchmarks/bench_predict.py [--limit N] [--batch-size 256]
+
+Prints structures/s for (1) CIF -> graph, (2) prediction one structure at a
+time (the original tool's path, ~50 structures/s on a 2-core machine), (3)
+batched prediction, on the CPU and on CUDA when available. Figures on a shared
+machine are noisy: compare the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+
+import torch
+from torch_geometric.data import Batch
+
+from megnet_pt import load_pretrained, paths, structure_to_graph
+from megnet_pt.structures import read_structure
+
+
+def rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:8.1f} structures/s ({n} in {seconds:.2f} s)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N AFLOW structures")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--single", type=int, default=500, help="structures for the one-at-a-time timing")
+    args = parser.parse_args()
+
+    folder = paths.data_dir("aflow_agl")
+    ids = [r["id"] for r in csv.DictReader(open(folder / "labels.csv"))][: args.limit]
+    print(f"{len(ids)} AFLOW structures from {folder}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    t = time.perf_counter()
+    structures = [read_structure(folder / "cif" / f"{i}.cif") for i in ids]
+    t_read = time.perf_counter() - t
+    t = time.perf_counter()
+    graphs = [structure_to_graph(s, id=i) for s, i in zip(structures, ids)]
+    t_graph = time.perf_counter() - t
+    print(f"read CIF          {rate(len(ids), t_read)}")
+    print(f"structure->graph  {rate(len(ids), t_graph)}")
+    print(f"CIF->graph total  {rate(len(ids), t_read + t_graph)}")
+
+    model = load_pretrained()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        m = model.to(device)
+        single = graphs[: args.single]
+        with torch.no_grad():
+            m(Batch.from_data_list(single[:8]).to(device))  # warm-up
+            t = time.perf_counter()
+            for g in single:
+                m(Batch.from_data_list([g]).to(device)).prediction.cpu()
+            t_single = time.perf_counter() - t
+            t = time.perf_counter()
+            for i in range(0, len(graphs), args.batch_size):
+                m(Batch.from_data_list(graphs[i : i + args.batch_size]).to(device)).prediction.cpu()
+            t_batch = time.perf_counter() - t
+        r_single, r_batch = len(single) / t_single, len(graphs) / t_batch
+        print(f"[{device.type}] one at a time    {rate(len(single), t_single)}")
+        print(f"[{device.type}] batched ({args.batch_size:4d})  {rate(len(graphs), t_batch)}")
+        print(f"[{device.type}] batched / one-at-a-time = {r_batch / r_single:.1f}x; "
+              f"batched / 50 structures/s (original tool) = {r_batch / 50:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

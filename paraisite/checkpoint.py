@@ -1,0 +1,77 @@
+"""ParAIsite checkpoints: a trained model of one split, loadable with ``weights_only=True``.
+
+    format        "paraisite.checkpoint"
+    version       1
+    init          rw | fe | fe+af | rw+af
+    dataset       the training dataset
+    split         split index k (its seed)
+    epoch         epochs trained when saved
+    selection     "best" (lowest validation loss) or "final"
+    transform     {"mean", "std"} of the target transform
+    megnet_config MEGNetConfig.to_dict()
+    state_dict    ParAIsite parameters and buffers
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megnet_pt import MEGNet, MEGNetConfig
+from megnet_pt.checkpoint import CheckpointError
+
+from .model import ParAIsite
+from .transform import TargetTransform
+
+FORMAT = "paraisite.checkpoint"
+VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary name, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_model(model: ParAIsite, transform: TargetTransform, path: str | Path, **meta: Any) -> None:
+    atomic_save(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            **meta,
+            "transform": transform.to_dict(),
+            "megnet_config": model.megnet.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        },
+        path,
+    )
+
+
+def read_model_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}); it may be truncated or corrupt") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: not a ParAIsite checkpoint (format {FORMAT} v{VERSION})")
+    return payload
+
+
+def load_model(path: str | Path) -> tuple[ParAIsite, TargetTransform, dict[str, Any]]:
+    """Model (eval mode), its target transform and the checkpoint's metadata."""
+    payload = read_model_checkpoint(path)
+    model = ParAIsite(MEGNet(MEGNetConfig.from_dict(payload["megnet_config"])))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the ParAIsite model ({str(exc).splitlines()[0]})") from exc
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict",)}
+    return model.eval(), TargetTransform(**payload["transform"]), meta

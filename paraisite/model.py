@@ -1,0 +1,48 @@
+"""The ParAIsite model: MEGNet features followed by an MLP head."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch_geometric.data import Batch
+
+from megnet_pt import MEGNet
+
+
+class LTCHead(nn.Sequential):
+    r"""Head 16 -> 450 -> 350 -> 350 -> 1 with ReLU between layers:
+
+    .. math::
+        \hat z = W_4\,\mathrm{ReLU}(W_3\,\mathrm{ReLU}(W_2\,\mathrm{ReLU}(W_1 \mathbf{f} + b_1) + b_2) + b_3) + b_4
+    """
+
+    def __init__(self, dims: tuple[int, ...] = (16, 450, 350, 350, 1)) -> None:
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                layers.append(nn.ReLU())
+        super().__init__(*layers)
+
+
+class ParAIsite(nn.Module):
+    r"""MEGNet with its last output layer dropped, then :class:`LTCHead`.
+
+    .. math::
+        \hat z = \mathrm{Head}(\mathbf{f}),\qquad
+        \mathbf{f} = W_2\,\mathrm{softplus2}(W_1 \mathbf{r} + b_1) + b_2 \in \mathbb{R}^{16}
+
+    where :math:`\mathbf{r}` is MEGNet's 160-d readout. The output is the
+    *standardised* target (see :class:`paraisite.transform.TargetTransform`).
+    Everything is trained; MEGNet's own last layer (16 -> 1) is unused and frozen.
+    """
+
+    def __init__(self, megnet: MEGNet | None = None) -> None:
+        super().__init__()
+        self.megnet = megnet if megnet is not None else MEGNet()
+        self.megnet.output_mlp.layers[-1].requires_grad_(False)
+        self.head = LTCHead((self.megnet.config.hidden_output[-1], 450, 350, 350, 1))
+
+    def features(self, batch: Batch) -> Tensor:
+        return self.megnet.features_from_readout(self.megnet.readout(batch))
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.head(self.features(batch)).squeeze(-1)

@@ -1,0 +1,140 @@
+"""Run reports: results.csv, summary.md beside the paper's numbers, and PNG plots."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = ("mape", "mae", "rmse", "r2")
+COLUMN_NAMES = {"togo15": "Togo15", "miyazaki21": "Miyazaki2021", "mix": "MIX", "aflow_agl": "AFLOW"}
+_INIT_PREFIX = {"rw": "RW", "fe": "FE", "fe+af": "FEAF", "rw+af": "RWAF"}
+_DATASET_SUFFIX = {"togo15": "TG15", "miyazaki21": "MZ21", "mix": "MIX", "aflow_agl": ""}
+
+# PCCP 2026 supplement, Table S2: validation MAPE, mean (std) over nine splits; row = model, column = test set.
+PAPER_MAPE = {
+    "RWTG15": {"togo15": (0.55, 0.20), "miyazaki21": (2.24, 1.15), "mix": (1.57, 0.64), "aflow_agl": (2.28, 1.12)},
+    "RWMZ21": {"togo15": (0.50, 0.08), "miyazaki21": (0.38, 0.05), "mix": (0.43, 0.05), "aflow_agl": (0.48, 0.04)},
+    "RWMIX": {"togo15": (0.70, 0.15), "miyazaki21": (0.75, 0.14), "mix": (0.73, 0.11), "aflow_agl": (1.10, 0.56)},
+    "RWAF": {"togo15": (0.58, 0.33), "miyazaki21": (1.13, 0.28), "mix": (0.92, 0.27), "aflow_agl": (0.65, 0.33)},
+    "FETG15": {"togo15": (0.53, 0.21), "miyazaki21": (3.20, 2.55), "mix": (2.14, 1.50), "aflow_agl": (3.27, 3.96)},
+    "FEMZ21": {"togo15": (0.50, 0.08), "miyazaki21": (0.37, 0.08), "mix": (0.42, 0.05), "aflow_agl": (0.49, 0.09)},
+    "FEMIX": {"togo15": (0.69, 0.15), "miyazaki21": (0.73, 0.13), "mix": (0.71, 0.12), "aflow_agl": (0.97, 0.20)},
+    "FEAF": {"togo15": (0.55, 0.38), "miyazaki21": (1.18, 0.27), "mix": (0.93, 0.26), "aflow_agl": (0.61, 0.34)},
+    "FEAFTG15": {"togo15": (0.28, 0.10), "miyazaki21": (1.27, 0.39), "mix": (0.88, 0.24), "aflow_agl": (0.66, 0.18)},
+    "FEAFMZ21": {"togo15": (0.56, 0.13), "miyazaki21": (0.64, 0.21), "mix": (0.61, 0.15), "aflow_agl": (0.65, 0.07)},
+    "FEAFMIX": {"togo15": (0.34, 0.13), "miyazaki21": (0.69, 0.25), "mix": (0.55, 0.17), "aflow_agl": (0.65, 0.08)},
+    "RWAFTG15": {"togo15": (0.43, 0.39), "miyazaki21": (1.32, 0.44), "mix": (0.96, 0.33), "aflow_agl": (0.83, 0.37)},
+}
+# Tables S3-S5, Togo15 column (R^2 with its std; MAE and RMSE in W/m/K, means only).
+PAPER_TOGO15_OTHER = {
+    "RWTG15": {"r2": (0.21, 0.61), "mae": (75.4, None), "rmse": (152.5, None)},
+    "FETG15": {"r2": (0.40, 0.47), "mae": (79.8, None), "rmse": (162.5, None)},
+    "FEAFTG15": {"r2": (0.85, 0.16), "mae": (1.24, None), "rmse": (1.77, None)},
+}
+
+
+def paper_name(init: str, dataset: str) -> str:
+    """The paper's model name, e.g. ('fe+af', 'togo15') -> 'FEAFTG15'."""
+    return _INIT_PREFIX.get(init, init.upper()) + _DATASET_SUFFIX.get(dataset, dataset.upper())
+
+
+def paper_value(init: str, dataset: str, test_dataset: str, metric: str) -> tuple[float, float | None] | None:
+    name = paper_name(init, dataset)
+    if metric == "mape":
+        return PAPER_MAPE.get(name, {}).get(test_dataset)
+    if test_dataset == "togo15":
+        return PAPER_TOGO15_OTHER.get(name, {}).get(metric)
+    return None
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], tuple[float, float, int]]:
+    """(selection, test_dataset, metric) -> (mean, population std, number of splits)."""
+    values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for row in rows:
+        for m in METRICS:
+            values[(row["selection"], row["test_dataset"], m)].append(float(row[m]))
+    return {key: (float(np.mean(v)), float(np.std(v)), len(v)) for key, v in values.items()}
+
+
+def _fmt(mean: float, std: float | None, digits: int) -> str:
+    return f"{mean:.{digits}f}" + (f" ({std:.{digits}f})" if std is not None else "")
+
+
+def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardware: str = "") -> str:
+    """Mean (std) over splits for each selection and test set, beside the paper's numbers."""
+    stats = aggregate(rows)
+    name = paper_name(init, dataset)
+    tests = sorted({r["test_dataset"] for r in rows}, key=lambda t: list(COLUMN_NAMES).index(t) if t in COLUMN_NAMES else 99)
+    n_splits = len({r["split"] for r in rows})
+    lines = [
+        f"# {name}: init `{init}`, trained on `{dataset}`",
+        "",
+        f"{n_splits} split(s); validation metrics in original units (W/m/K), mean (std over splits, population).",
+        "`best`: the epoch with the lowest validation loss, selected on the very data it is scored on (the paper's protocol, optimistic).",
+        "`final`: the model after the last epoch (honest: nothing is selected on the validation data).",
+        "The target scaler is fitted on each split's training part only.",
+        "",
+    ]
+    if hardware:
+        lines += [hardware, ""]
+    for metric, digits in (("mape", 3), ("r2", 3), ("mae", 2), ("rmse", 2)):
+        lines += [f"## {metric.upper() if metric != 'r2' else 'R^2'}", "",
+                  "| selection | " + " | ".join(COLUMN_NAMES.get(t, t) for t in tests) + " |",
+                  "|---|" + "---|" * len(tests)]
+        for selection in ("best", "final"):
+            cells = [_fmt(*stats[(selection, t, metric)][:2], digits) if (selection, t, metric) in stats else "" for t in tests]
+            lines.append(f"| {selection} | " + " | ".join(cells) + " |")
+        paper = [paper_value(init, dataset, t, metric) for t in tests]
+        if any(paper):
+            # the paper's numbers as printed there: two decimals for MAPE and R^2, as given for MAE and RMSE
+            shown = [("" if not p else _fmt(p[0], p[1], 2) if metric in ("mape", "r2") else f"{p[0]:g}") for p in paper]
+            lines.append("| paper | " + " | ".join(shown) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[int, list[dict[str, Any]]], path: Path, title: str) -> None:
+    """Validation (and training) MAPE per epoch, mean over splits with a ±1 std band (the paper's Fig. 6)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(len(c) for c in curves.values())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("val_loss", "validation"), ("train_loss", "training")):
+        v = np.array([[float(r[key]) for r in c[:n]] for c in curves.values()])
+        mean, std = v.mean(0), v.std(0)
+        epochs = np.arange(1, n + 1)
+        ax.plot(epochs, mean, label=f"{label} (mean of {len(curves)})")
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set(xlabel="epoch", ylabel="MAPE", title=title, yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_parity(predictions: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Predicted vs true LTC on log axes, validation structures of every split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for selection, marker in (("best", "o"), ("final", "x")):
+        pts = [(float(r["ltc"]), float(r["predicted"])) for r in predictions if r["selection"] == selection]
+        if pts:
+            t, p = np.array(pts).T
+            ax.scatter(t, np.clip(p, 1e-3, None), s=12, marker=marker, alpha=0.6, label=selection)
+    lo, hi = ax.get_xlim()
+    lim = (min(lo, ax.get_ylim()[0]), max(hi, ax.get_ylim()[1]))
+    ax.plot(lim, lim, "k--", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="true LTC (W/m/K)", ylabel="predicted LTC (W/m/K)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

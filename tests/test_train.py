@@ -1,0 +1,218 @@
+"""train.py: the protocol on small settings (few epochs, two splits)."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch_geometric.data import Batch
+
+from megnet_pt.checkpoint import CheckpointError
+from paraisite import training
+from paraisite.checkpoint import load_model, save_model
+from paraisite.datasets import DatasetError, load_dataset
+from paraisite.model import ParAIsite
+from paraisite.training import TrainConfig, initial_model
+from paraisite.transform import TargetTransform
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, shared):
+    """One working folder for the module, so graph caches and converted weights are built once."""
+    d = tmp_path_factory.mktemp("work")
+    old = os.getcwd()
+    os.chdir(d)
+    yield d
+    os.chdir(old)
+
+
+def run_train(*args: str) -> int:
+    return train.main([*args, "--no-progress"])
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_small_run_writes_everything(workdir):
+    rc = run_train("--init", "rw", "--dataset", "togo15", "--epochs", "2", "--splits", "2", "--run-dir", "runs/small",
+                   "--test-on", "miyazaki21")
+    assert rc == 0
+    run = workdir / "runs" / "small"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["init"] == "rw" and cfg["epochs"] == 2
+    for k in (1, 2):
+        curve = list(csv.DictReader(open(run / f"split{k}" / "curve.csv")))
+        assert [int(r["epoch"]) for r in curve] == [1, 2]
+        for sel in ("best", "final"):
+            payload = torch.load(run / f"split{k}" / f"{sel}.pt", weights_only=True)
+            assert payload["split"] == k and payload["selection"] == sel
+    rows = list(csv.DictReader(open(run / "results.csv")))
+    assert {(int(r["split"]), r["selection"], r["test_dataset"]) for r in rows} == {
+        (k, s, d) for k in (1, 2) for s in ("best", "final") for d in ("togo15", "miyazaki21")}
+    assert all(int(r["n"]) == 19 for r in rows if r["test_dataset"] == "togo15")
+    assert all(int(r["n"]) == 29 for r in rows if r["test_dataset"] == "miyazaki21")
+    summary = (run / "summary.md").read_text()
+    assert "RWTG15" in summary and "0.55 (0.20)" in summary  # the paper's number beside ours
+    assert (run / "curves.png").stat().st_size > 1000 and (run / "parity.png").stat().st_size > 1000
+    # metrics in results.csv are those of the saved predictions
+    preds = [r for r in csv.DictReader(open(run / "predictions.csv"))
+             if r["split"] == "1" and r["selection"] == "final" and r["test_dataset"] == "togo15"]
+    t = np.array([float(r["ltc"]) for r in preds])
+    p = np.array([float(r["predicted"]) for r in preds])
+    row = next(r for r in rows if r["split"] == "1" and r["selection"] == "final" and r["test_dataset"] == "togo15")
+    assert float(row["mape"]) == pytest.approx(np.mean(np.abs(t - p) / t), rel=1e-5)
+    # a second run with the same arguments finds everything done and changes nothing
+    mtime = (run / "split1" / "final.pt").stat().st_mtime_ns
+    assert run_train("--init", "rw", "--dataset", "togo15", "--epochs", "2", "--splits", "2", "--run-dir", "runs/small",
+                     "--test-on", "miyazaki21") == 0
+    assert (run / "split1" / "final.pt").stat().st_mtime_ns == mtime
+
+
+def test_scaler_is_fitted_on_training_part_only(workdir):
+    data = load_dataset("togo15")
+    train_idx, val_idx = data.split(1)
+    run = workdir / "runs" / "small"
+    if not (run / "split1" / "final.pt").is_file():
+        pytest.skip("needs test_small_run_writes_everything")
+    _, transform, _ = load_model(run / "split1" / "final.pt")
+    z = np.log10(data.ltc.numpy().astype(np.float64) + 1)
+    assert transform.mean == pytest.approx(z[train_idx].mean(), abs=1e-9)
+    assert transform.std == pytest.approx(z[train_idx].std(), abs=1e-9)
+    assert abs(transform.mean - z.mean()) > 1e-4  # the whole-dataset fit would differ
+
+
+def test_resume_after_kill_gives_the_same_weights(workdir, monkeypatch):
+    args = ("--init", "fe", "--dataset", "togo15", "--epochs", "3", "--splits", "1")
+    assert run_train(*args, "--run-dir", "runs/straight") == 0
+
+    real = training.mape_loss
+    calls = {"n": 0}
+
+    def dying_loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 15:  # epoch 1 is 10 training steps + 1 validation; die inside epoch 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "mape_loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(*args, "--run-dir", "runs/killed")
+    monkeypatch.setattr(training, "mape_loss", real)
+    state = torch.load(workdir / "runs" / "killed" / "split1" / "state.pt", weights_only=True)
+    assert len(state["curve"]) == 1
+    assert run_train(*args, "--run-dir", "runs/killed") == 0
+    a = weights(workdir / "runs" / "straight" / "split1" / "final.pt")
+    b = weights(workdir / "runs" / "killed" / "split1" / "final.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    curve_a = list(csv.DictReader(open(workdir / "runs" / "straight" / "split1" / "curve.csv")))
+    curve_b = list(csv.DictReader(open(workdir / "runs" / "killed" / "split1" / "curve.csv")))
+    assert [r["val_loss"] for r in curve_a] == [r["val_loss"] for r in curve_b]
+
+
+def test_fe_starts_from_the_published_weights(workdir, shared):
+    ref = {json.loads(l)["id"]: json.loads(l) for l in open(shared / "reference" / "megnet_eform_reference.jsonl")}
+    data = load_dataset("togo15")
+    model = initial_model(TrainConfig(init="fe", dataset="togo15"), k=3).eval()
+    with torch.no_grad():
+        f = model.features(Batch.from_data_list(data.graphs))
+    expected = torch.tensor([ref[i]["features16"] for i in data.ids])
+    torch.testing.assert_close(f, expected, atol=1e-4, rtol=0)
+
+
+def fake_aflow_run(root: Path, init: str = "fe", splits=(1, 2), wrong_split: dict | None = None) -> Path:
+    for k in splits:
+        torch.manual_seed(100 + k)
+        meta = dict(init=init, dataset="aflow_agl", split=(wrong_split or {}).get(k, k), epoch=1, selection="best")
+        save_model(ParAIsite(), TargetTransform(0.5, 0.3), root / f"split{k}" / "best.pt", **meta)
+    return root
+
+
+def test_fe_af_starts_from_the_aflow_model_of_the_same_split(workdir):
+    aflow = fake_aflow_run(workdir / "runs" / "fake_aflow")
+    config = TrainConfig(init="fe+af", dataset="togo15", aflow_run=str(aflow))
+    for k in (1, 2):
+        model = initial_model(config, k)
+        saved = weights(aflow / f"split{k}" / "best.pt")
+        other = weights(aflow / f"split{3 - k}" / "best.pt")
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, saved[key]), key
+        assert not all(torch.equal(v, other[key]) for key, v in model.state_dict().items())
+
+
+def test_mismatched_or_missing_aflow_checkpoints_fail_before_training(workdir, capsys):
+    aflow = fake_aflow_run(workdir / "runs" / "bad_aflow", wrong_split={2: 7})
+    rc = run_train("--init", "fe+af", "--dataset", "togo15", "--epochs", "1", "--splits", "2",
+                   "--aflow-run", str(aflow), "--run-dir", "runs/never1")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "split2" in err and "split is 7, expected 2" in err
+    assert not (workdir / "runs" / "never1" / "split1").exists()
+
+    rc = run_train("--init", "rw+af", "--dataset", "togo15", "--epochs", "1", "--splits", "1",
+                   "--aflow-run", str(aflow), "--run-dir", "runs/never2")
+    assert rc == 2 and "init is 'fe', expected 'rw'" in capsys.readouterr().err
+
+    rc = run_train("--init", "fe+af", "--dataset", "togo15", "--epochs", "1", "--splits", "3",
+                   "--aflow-run", str(aflow), "--run-dir", "runs/never3")
+    assert rc == 2 and "no AFLOW model for split(s) [3]" in capsys.readouterr().err
+    (aflow / "split1" / "best.pt").write_bytes(b"corrupt")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        training.check_aflow_checkpoint(aflow / "split1" / "best.pt", "fe+af", 1, 4.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--init", "xx"], "unknown --init 'xx'"),
+    (["--dataset", "togo16"], "unknown dataset 'togo16'"),
+    (["--test-on", "togo15,nope"], "unknown dataset 'nope'"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_bad_names_are_clear_errors(workdir, capsys, args, message):
+    assert run_train(*args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["nan", "0", "-3.5", "abc"])
+def test_bad_labels_fail_before_training(workdir, shared, capsys, bad):
+    folder = workdir / f"mine_{bad}"
+    (folder / "cif").mkdir(parents=True)
+    rows = list(csv.DictReader(open(shared / "data" / "togo15" / "labels.csv")))[:10]
+    rows[4]["ltc"] = bad
+    with open(folder / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "formula", "ltc"])
+        w.writeheader()
+        w.writerows(rows)
+    for r in rows:
+        (folder / "cif" / f"{r['id']}.cif").write_text((shared / "data" / "togo15" / "cif" / f"{r['id']}.cif").read_text())
+    rc = run_train("--init", "rw", "--dataset", str(folder), "--epochs", "1", "--splits", "1", "--run-dir", f"runs/bad_{bad}")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "labels.csv" in err and f"line 6 ({rows[4]['id']}: '{bad}')" in err
+    assert not (workdir / "runs" / f"bad_{bad}" / "split1").exists()
+
+
+def test_run_folder_with_other_settings_is_refused(workdir, capsys):
+    rc = run_train("--init", "rw", "--dataset", "togo15", "--epochs", "5", "--splits", "2", "--run-dir", "runs/small")
+    assert rc == 2 and "epochs: 2 there, 5 now" in capsys.readouterr().err
+
+
+def test_torchrun_spreads_splits_over_two_processes(workdir):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           str(ROOT / "train.py"), "--init", "rw", "--dataset", "togo15", "--epochs", "1", "--splits", "2",
+           "--run-dir", "runs/ddp", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(workdir / "runs" / "ddp" / "results.csv")))
+    assert sorted({r["split"] for r in rows}) == ["1", "2"]
+    assert (workdir / "runs" / "ddp" / "summary.md").is_file()
