@@ -13,11 +13,12 @@ from .graph import StructureError, structure_to_graph
 from .mlp import MLP, SoftPlus2, softplus2
 from .model import MEGNet, MEGNetConfig, MEGNetOutput
 from .pretrained import load_model, load_pretrained
+from .set2set import Set2Set
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ELEMENTS", "CheckpointError", "GaussianExpansion", "MEGNet", "MEGNetBlock", "MEGNetConfig", "MEGNetConv",
-    "MEGNetOutput", "MLP", "SoftPlus2", "StructureError", "UnsupportedElementError", "load_checkpoint",
+    "MEGNetOutput", "MLP", "Set2Set", "SoftPlus2", "StructureError", "UnsupportedElementError", "load_checkpoint",
     "load_model", "load_pretrained", "save_checkpoint", "softplus2", "structure_to_graph",
 ]

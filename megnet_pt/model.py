@@ -7,11 +7,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
-from torch_geometric.nn.aggr import Set2Set
 
 from .block import MEGNetBlock
 from .expansion import GaussianExpansion
 from .mlp import MLP, softplus2
+from .set2set import Set2Set
 
 
 @dataclass

@@ -215,3 +215,25 @@ def test_megnet_block_in_another_model():
 
 def test_random_model_has_the_published_layout(model):
     assert set(MEGNet().state_dict()) == set(model.state_dict())
+
+
+def test_set2set_matches_pyg_and_vectorises_over_an_ensemble():
+    from torch.func import functional_call, stack_module_state, vmap
+    from torch_geometric.nn import aggr
+
+    from megnet_pt import Set2Set
+
+    torch.manual_seed(0)
+    ours, theirs = Set2Set(32, 2), aggr.Set2Set(32, 2)
+    theirs.load_state_dict(ours.state_dict())
+    x, index = torch.randn(20, 32), torch.tensor([0] * 5 + [2] * 15)  # graph 1 is empty
+    torch.testing.assert_close(ours(x, index, dim_size=3), theirs(x, index, dim_size=3), atol=1e-6, rtol=1e-5)
+
+    models = [MEGNet() for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    s = Structure(Lattice.cubic(4.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    batch = Batch.from_data_list([structure_to_graph(s), structure_to_graph(bcc_ba(), cutoff=5)])
+    base = MEGNet().to("meta")
+    out = vmap(lambda p, b: functional_call(base, (p, b), (batch,)).prediction)(params, buffers)
+    with torch.no_grad():
+        torch.testing.assert_close(out, torch.stack([m(batch).prediction for m in models]), atol=1e-5, rtol=1e-5)
