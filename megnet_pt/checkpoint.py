@@ -32,10 +32,31 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 
-def save_checkpoint(model: MEGNet, path: str | Path, name: str, sources: dict[str, str] | None = None) -> Path:
-    """Write atomically (temporary name, then rename)."""
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary name, then rename: a kill never leaves half a file under ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_plain(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU, with a ``CheckpointError`` naming a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first}); "
+                              "it may be truncated or corrupt: delete it and make it again") from exc
+
+
+def save_checkpoint(model: MEGNet, path: str | Path, name: str, sources: dict[str, str] | None = None) -> Path:
+    """Write atomically (temporary name, then rename)."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -46,22 +67,12 @@ def save_checkpoint(model: MEGNet, path: str | Path, name: str, sources: dict[st
         "sources": dict(sources or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_save(payload, path)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and validate the checkpoint dict (no code is unpickled)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                              "it may be truncated or corrupt: delete it and convert again") from exc
+    payload = load_plain(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a megnet_pt checkpoint (convert published weights with `python -m megnet_pt.convert`)")
     if payload.get("version") != VERSION:

@@ -13,29 +13,19 @@
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megnet_pt import MEGNet, MEGNetConfig
-from megnet_pt.checkpoint import CheckpointError
+from megnet_pt.checkpoint import CheckpointError, atomic_save, load_plain
 
 from .model import ParAIsite
 from .transform import TargetTransform
 
 FORMAT = "paraisite.checkpoint"
 VERSION = 1
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary name, then rename: a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def save_model(model: ParAIsite, transform: TargetTransform, path: str | Path, **meta: Any) -> None:
@@ -53,13 +43,7 @@ def save_model(model: ParAIsite, transform: TargetTransform, path: str | Path, *
 
 
 def read_model_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}); it may be truncated or corrupt") from exc
+    payload = load_plain(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != VERSION:
         raise CheckpointError(f"{path}: not a ParAIsite checkpoint (format {FORMAT} v{VERSION})")
     return payload

@@ -99,12 +99,12 @@ def read_labels(labels_csv: Path) -> tuple[list[str], list[str], np.ndarray]:
     return ids, [r.get("formula", "") for r in rows], np.asarray(values, dtype=np.float64)
 
 
-def load_source(name: str, cutoff: float = 4.0, cache_dir: str | Path | None = None) -> LTCDataset:
+def load_source(name: str, cutoff: float = 4.0, cache_dir: str | Path | None = None, progress: bool = True) -> LTCDataset:
     folder = dataset_folder(name)
     ids, formulas, ltc = read_labels(folder / "labels.csv")
     label = name if name in SOURCES else Path(name).resolve().name
     cache_path = Path(cache_dir or paths.local_data_dir()) / f"{label}_cutoff{cutoff:g}.h5"
-    cache = ensure_cache([folder], cache_path, cutoff=cutoff)
+    cache = ensure_cache([folder], cache_path, cutoff=cutoff, progress=progress)
     position = {i: k for k, i in enumerate(cache.ids)}
     missing = [i for i in ids if i not in position]
     if missing:
@@ -115,10 +115,10 @@ def load_source(name: str, cutoff: float = 4.0, cache_dir: str | Path | None = N
     return LTCDataset(label, ids, formulas, torch.tensor(ltc, dtype=torch.float32), graphs, [(label, len(ids))])
 
 
-def load_dataset(name: str, cutoff: float = 4.0, cache_dir: str | Path | None = None) -> LTCDataset:
+def load_dataset(name: str, cutoff: float = 4.0, cache_dir: str | Path | None = None, progress: bool = True) -> LTCDataset:
     """A named dataset, ``mix``, or a user folder (see the module docstring)."""
     if name in COMPOSITES:
-        parts = [load_source(p, cutoff, cache_dir) for p in COMPOSITES[name]]
+        parts = [load_source(p, cutoff, cache_dir, progress) for p in COMPOSITES[name]]
         return LTCDataset(
             name,
             [i for p in parts for i in p.ids],
@@ -127,4 +127,4 @@ def load_dataset(name: str, cutoff: float = 4.0, cache_dir: str | Path | None = 
             [g for p in parts for g in p.graphs],
             [(p.name, len(p)) for p in parts],
         )
-    return load_source(name, cutoff, cache_dir)
+    return load_source(name, cutoff, cache_dir, progress)
