@@ -1,13 +1,27 @@
-"""Reading crystal structures from files, with errors that name the file."""
+"""Reading crystal structures from files, with errors that name the file.
+
+``read_structure`` reads one file. ``iter_structures`` / ``collect_structures``
+read the inputs of a batch conversion (graph caches): CIF files and folders,
+``labels.csv`` dataset folders, pymatgen JSON and extended XYZ.
+"""
 from __future__ import annotations
 
+import csv
+import gzip
+import hashlib
+import json
+import math
 import warnings
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from pymatgen.core import Structure
 
-from .graph import StructureError
+from .graph import StructureError, as_structure
 
 
 def read_structure(path: str | Path) -> Structure:
@@ -57,3 +71,252 @@ def structure_id(path: str | Path) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return Path(path).stem
+
+
+# ---------------------------------------------------------------------------
+# Structure inputs for batch conversion (graph caches).
+#
+# An input is a CIF file, a folder of CIFs, a dataset folder (``labels.csv`` +
+# ``cif/<id>.cif``), a pymatgen JSON file or an extended-XYZ file. Inputs are
+# first *listed* (ids, labels, where each structure lives) without parsing any
+# CIF, so that duplicate ids are found before work starts and entries can be
+# shipped to worker processes; ``StructureEntry.load`` does the parsing.
+
+DATASET_LABELS = "labels.csv"
+JSON_SUFFIXES = (".json", ".json.gz")
+XYZ_SUFFIXES = (".xyz", ".extxyz")
+ID_KEYS = ("material_id", "id", "task_id")
+NOT_LABELS = {"id", "formula", "material_id", "task_id", "structure"}
+
+
+@dataclass
+class StructureEntry:
+    """One structure of the inputs: its id, labels, and where to read it from.
+
+    ``data`` is the in-memory record for structures that come from a
+    multi-structure file (a ``Structure.as_dict()`` dict or an ASE ``Atoms``);
+    it is ``None`` when ``source`` is a file holding just this structure.
+    """
+
+    id: str
+    source: Path
+    data: Any = None
+    labels: dict[str, float] = field(default_factory=dict)
+
+    def load(self) -> Structure:
+        """Parse the structure; ``StructureError`` (naming id or file) when that fails."""
+        if self.data is None:
+            return read_structure(self.source)
+        if isinstance(self.data, dict):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    structure = Structure.from_dict(self.data)
+            except Exception as exc:
+                raise StructureError(f"{self.id}: not a pymatgen structure dict in {self.source} ({_reason(exc)})") from exc
+            if len(structure) == 0:
+                raise StructureError(f"{self.id}: the structure has no sites ({self.source})")
+            return structure
+        return as_structure(self.data, self.id)
+
+
+@dataclass
+class StructureInputs:
+    """Everything the inputs hold, listed but not parsed."""
+
+    entries: list[StructureEntry]
+    label_names: list[str]
+    files: list[tuple[str, Path]]  # (name, path) of every source file, for checksums
+    _checksums: list[tuple[str, str]] | None = field(default=None, repr=False)
+
+    def file_checksums(self) -> list[tuple[str, str]]:
+        """(name, sha256) of every source file; "missing" for a file that does not exist."""
+        if self._checksums is None:
+            self._checksums = [(name, _sha256(path)) for name, path in self.files]
+        return self._checksums
+
+    def sources_sha256(self) -> str:
+        """One checksum over the names and contents of every source file, in input order."""
+        h = hashlib.sha256()
+        for name, digest in self.file_checksums():
+            h.update(f"{name}\t{digest}\n".encode())
+        return h.hexdigest()
+
+    def duplicate_ids(self) -> list[str]:
+        counts = Counter(e.id for e in self.entries)
+        return sorted(i for i, n in counts.items() if n > 1)
+
+
+def collect_structures(inputs: Iterable[str | Path] | str | Path) -> StructureInputs:
+    """List the structures of the inputs (see ``iter_structures``), in input order.
+
+    Label columns are the union over inputs, in order of first appearance;
+    an entry lacking a column gets NaN for it in the cache.
+    """
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    entries: list[StructureEntry] = []
+    files: list[tuple[str, Path]] = []
+    label_names: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir() and (p / DATASET_LABELS).is_file():
+            found, names, found_files = _dataset_folder(p)
+        elif p.is_file() and p.name == DATASET_LABELS:
+            found, names, found_files = _dataset_folder(p.parent)
+        elif p.is_dir():
+            cifs = find_structure_files([p])
+            found = [StructureEntry(structure_id(f), f) for f in cifs]
+            names, found_files = [], [(str(f.relative_to(p)), f) for f in cifs]
+        elif not p.exists():
+            raise FileNotFoundError(f"{p}: no such file or folder")
+        elif p.name.lower().endswith(JSON_SUFFIXES):
+            found, names = _pymatgen_json(p)
+            found_files = [(p.name, p)]
+        elif p.name.lower().endswith(XYZ_SUFFIXES):
+            found, names = _extxyz(p)
+            found_files = [(p.name, p)]
+        else:
+            found, names, found_files = [StructureEntry(structure_id(p), p)], [], [(p.name, p)]
+        entries.extend(found)
+        files.extend(found_files)
+        label_names.extend(n for n in names if n not in label_names)
+    return StructureInputs(entries, label_names, files)
+
+
+def iter_structures(
+    inputs: Iterable[str | Path] | str | Path,
+) -> Iterator[tuple[str, Structure | Exception, dict[str, float]]]:
+    """Yield ``(id, structure, labels)`` for every structure of the inputs.
+
+    Inputs may be CIF (or other pymatgen-readable) files, folders of ``*.cif``,
+    dataset folders holding ``labels.csv`` (an ``id`` column, optionally
+    ``formula``, and numeric label columns) and ``cif/<id>.cif``, pymatgen JSON
+    files (a list of ``Structure.as_dict()``, a list of
+    ``{"material_id", "structure", ...}`` records as the Materials Project API
+    returns them, or a ``{id: structure dict}`` mapping) and extended-XYZ files
+    (read with ASE; ids from an ``id``/``material_id`` info key, else
+    ``<file stem>-<frame>``). A structure that cannot be read is yielded as the
+    exception in place of the structure, so one bad file does not stop a scan.
+    """
+    for entry in collect_structures(inputs).entries:
+        try:
+            yield entry.id, entry.load(), entry.labels
+        except Exception as exc:  # reported to the caller, not raised
+            yield entry.id, exc, entry.labels
+
+
+def _sha256(path: Path) -> str:
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    except FileNotFoundError:
+        return "missing"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _as_label(value: Any) -> float | None:
+    """A numeric label value, or None for anything else (text, bools, containers)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    return None
+
+
+def _dataset_folder(folder: Path) -> tuple[list[StructureEntry], list[str], list[tuple[str, Path]]]:
+    """``labels.csv`` rows in file order; every numeric column but id/formula is a label."""
+    labels_csv = folder / DATASET_LABELS
+    with open(labels_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+    if "id" not in columns:
+        raise StructureError(f"{labels_csv}: no 'id' column (expected id,formula,<labels...>)")
+
+    def numeric(column: str) -> bool:
+        try:
+            [float(r[column]) for r in rows if (r[column] or "").strip()]
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    names = [c for c in columns if c not in NOT_LABELS and numeric(c)]
+    cif_dir = folder / "cif" if (folder / "cif").is_dir() else folder
+    entries, files = [], [(DATASET_LABELS, labels_csv)]
+    for r in rows:
+        sid = r["id"].strip()
+        path = cif_dir / f"{sid}.cif"
+        labels = {n: float(r[n]) if (r[n] or "").strip() else math.nan for n in names}
+        entries.append(StructureEntry(sid, path, None, labels))
+        files.append((str(path.relative_to(folder)), path))
+    return entries, names, files
+
+
+def _pymatgen_json(path: Path) -> tuple[list[StructureEntry], list[str]]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise StructureError(f"{path}: cannot read JSON ({_reason(exc)})") from exc
+    if isinstance(doc, dict) and "lattice" not in doc:
+        records = [{"material_id": k, "structure": v} for k, v in doc.items()]
+    elif isinstance(doc, dict):
+        records = [doc]
+    elif isinstance(doc, list):
+        records = doc
+    else:
+        raise StructureError(f"{path}: expected a list of structures or of {{'material_id', 'structure'}} records")
+    entries: list[StructureEntry] = []
+    names: list[str] = []
+    for k, record in enumerate(records):
+        if not isinstance(record, dict):
+            entries.append(StructureEntry(f"{structure_id(path)}-{k}", path, {"bad record": repr(record)[:80]}))
+            continue
+        sid = next((str(record[key]) for key in ID_KEYS if record.get(key) is not None), None)
+        if "structure" in record:
+            structure = record["structure"]
+            labels = {key: v for key, v in record.items() if key not in NOT_LABELS and _as_label(v) is not None}
+        else:  # a bare Structure.as_dict()
+            structure, labels = record, {}
+            props = record.get("properties") or {}
+            sid = sid or next((str(props[key]) for key in ID_KEYS if props.get(key) is not None), None)
+        labels = {key: float(v) for key, v in labels.items()}
+        names.extend(n for n in labels if n not in names)
+        entries.append(StructureEntry(sid or f"{structure_id(path)}-{k}", path, structure, labels))
+    return entries, names
+
+
+def _extxyz(path: Path) -> tuple[list[StructureEntry], list[str]]:
+    try:
+        import ase.io
+    except ImportError as exc:
+        raise StructureError(f"{path}: reading extended XYZ needs ASE (pip install ase)") from exc
+    try:
+        frames = ase.io.read(path, index=":", format="extxyz")
+    except Exception as exc:
+        raise StructureError(f"{path}: cannot read extended XYZ ({_reason(exc)})") from exc
+    entries: list[StructureEntry] = []
+    names: list[str] = []
+    stem = Path(path).name.rsplit(".", 1)[0]
+    for k, atoms in enumerate(frames):
+        info = dict(atoms.info)
+        sid = next((str(info[key]) for key in ID_KEYS if info.get(key) is not None), f"{stem}-{k}")
+        labels = {key: _as_label(v) for key, v in info.items() if key not in NOT_LABELS and _as_label(v) is not None}
+        # Calculator results (energy, ...) ride on atoms.calc; numeric scalars among them are labels too.
+        if atoms.calc is not None:
+            for key, v in getattr(atoms.calc, "results", {}).items():
+                if key not in labels and _as_label(v) is not None:
+                    labels[key] = _as_label(v)
+        names.extend(n for n in labels if n not in names)
+        atoms.calc = None
+        entries.append(StructureEntry(sid, path, atoms, labels))
+    return entries, names
