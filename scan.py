@@ -1,0 +1,174 @@
+"""Screen crystal structures for lattice thermal conductivity with the nine models of a ParAIsite run.
+
+    python scan.py mp_stable.h5 [--models runs/fe+af_togo15] [--out mp_stable_ltc.csv] [--top 30]
+                   [--with-eform] [--correlations] [--batch-size N] [--device auto|cpu|cuda]
+
+As in the paper's screening of ~34k stable Materials Project materials: every
+structure gets the prediction of each split's model, their mean, standard
+deviation, std/mean, max and max x std/mean, the descriptors the paper
+correlates them with, and a warning column. A summary lists the --top
+materials with the lowest max (Table S6), with PNG plots of the predictions.
+Re-running the same command after an interruption continues where it stopped;
+``torchrun --nproc-per-node N scan.py ...`` shares the work between processes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from megnet_pt.cache import CacheError, GraphCache, default_cache_path, ensure_cache
+from megnet_pt.checkpoint import CheckpointError
+from megnet_pt.elements import ELEMENTS
+from megnet_pt.predict import resolve_device
+from paraisite.ensemble import SELECTIONS, StackedEform, load_ensemble
+from paraisite.report import paper_name
+from paraisite.screening import ScanError, run_scan, summarize, training_domain, write_summary
+
+DEFAULT_MODELS = "runs/fe+af_togo15"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "input: a graph cache (.h5, from python -m megnet_pt.cache build), or CIF files/folders, dataset folders,\n"
+            "pymatgen JSON or extended XYZ files, which are first cached (--cache, default ./data/<name>_cutoff4.h5).\n\n"
+            "output (--out): CSV, one row per input structure, in input order:\n"
+            "  id, formula, ltc_split<k> (W/m/K, one per model), ltc_mean, ltc_std (sample std), ltc_std_over_mean,\n"
+            "  ltc_max, ltc_max_x_std_over_mean, n_sites, volume (Å^3), density (g/cm^3), atomic_density (atoms/Å^3),\n"
+            "  n_elements, [eform_ev_per_atom], warning (no neighbour within the cutoff; element or size outside the\n"
+            "  training data; 'error: ...' when there is no prediction, e.g. a structure that could not be read).\n"
+            "beside it: <base>.summary.md (top table, correlations), <base>.ltc.png, <base>.spread.png, <base>.scan.json.\n"
+            "while running, rows go to <out>.parts/rank<r>.csv as they are produced; a re-run resumes from them.\n\n"
+            "examples:\n"
+            "  python train.py --init fe+af --dataset togo15          # the default models: runs/fe+af_togo15\n"
+            "  python -m megnet_pt.cache build mp_stable.json -o mp_stable.h5 --workers 8\n"
+            "  python scan.py mp_stable.h5 --with-eform --correlations\n"
+            "  torchrun --nproc-per-node 4 scan.py mp_stable.h5     # 4 processes (GPUs if present), one output"
+        ),
+    )
+    p.add_argument("inputs", nargs="+", help="a graph cache (.h5), or structure files/folders to cache first")
+    p.add_argument("--models", default=DEFAULT_MODELS, help="run folder holding split<k>/best.pt (default: %(default)s)")
+    p.add_argument("--selection", default="best", choices=SELECTIONS,
+                   help="which checkpoint of each split: best (lowest validation loss) or final (default: %(default)s)")
+    p.add_argument("--out", default=None, help="CSV to write (default: <input name>_ltc.csv)")
+    p.add_argument("--top", type=int, default=30, help="materials with the lowest max prediction in the summary (default: %(default)s)")
+    p.add_argument("--with-eform", action="store_true",
+                   help="add the formation energy predicted by the published MEGNet (eV/atom)")
+    p.add_argument("--correlations", action="store_true",
+                   help="Pearson r and p-value between the mean (and variance) of the predictions and the descriptors")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="structures per batch (default: 32 on a CPU, 256 on a GPU; results do not depend on it)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: torch's choice; on a busy shared machine 1 is often faster)")
+    p.add_argument("--cache", default=None, help="where to cache structure inputs (default: ./data/<name>_cutoff<c>.h5)")
+    p.add_argument("--workers", type=int, default=1, help="processes building the cache from structure files (default: %(default)s)")
+    p.add_argument("--method", default="fused", choices=("fused", "reference"),
+                   help="fused: the models stacked into one pass (fast); reference: each model's own forward (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=timedelta(days=7))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_cache(inputs: list[str]) -> bool:
+    return len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".h5", ".hdf5") and not Path(inputs[0]).is_dir()
+
+
+def open_cache(args: argparse.Namespace, cutoff: float, rank: int, world: int) -> GraphCache:
+    """The graph cache of the inputs; structure files are cached first (by rank 0 under torchrun)."""
+    if is_cache(args.inputs):
+        return GraphCache(args.inputs[0], cutoff=cutoff, vocabulary=ELEMENTS)
+    path = Path(args.cache) if args.cache else default_cache_path(args.inputs, cutoff)
+    if rank == 0:
+        ensure_cache(args.inputs, path, cutoff=cutoff, workers=args.workers, progress=not args.no_progress).close()
+    if world > 1:
+        torch.distributed.barrier()
+    return GraphCache(path, cutoff=cutoff, vocabulary=ELEMENTS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank, world, local_rank = distributed()
+    sync = torch.distributed if world > 1 else None
+    try:
+        if args.top < 0 or (args.batch_size is not None and args.batch_size < 1):
+            raise ValueError("--top must be >= 0 and --batch-size >= 1")
+        device = resolve_device(args.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if device.type == "cuda" and world > 1:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
+        ensemble = load_ensemble(args.models, args.selection, method=args.method)
+        info = ensemble.info
+        eform = None
+        if args.with_eform:
+            from megnet_pt.pretrained import load_pretrained
+
+            # Rank 0 first: a first use converts the published weights into ./weights, once.
+            if rank == 0:
+                eform = StackedEform(load_pretrained())
+            if world > 1:
+                torch.distributed.barrier()
+            if rank != 0:
+                eform = StackedEform(load_pretrained())
+            if eform.cutoff != ensemble.cutoff:
+                raise CheckpointError(f"the formation-energy model uses cutoff {eform.cutoff:g} Å, the run {ensemble.cutoff:g} Å")
+        cache = open_cache(args, ensemble.cutoff, rank, world)
+        out = Path(args.out) if args.out else Path(f"{Path(args.inputs[0]).name.split('.')[0]}_ltc.csv")
+        domain, domain_note = (None, "")
+        if rank == 0:
+            domain, domain_note = training_domain(info.run_dir, info.init, info.dataset, info.cutoff)
+        if sync is not None:  # every rank writes warnings, so every rank needs the domain
+            shared = [domain, domain_note]
+            sync.broadcast_object_list(shared, src=0)
+            domain, domain_note = shared
+        if rank == 0:
+            print(f"{info.describe()}; {len(cache)} structures in {cache.path} "
+                  f"(+{len(cache.failures)} that could not be converted); {world} process(es) on {device}",
+                  file=sys.stderr)
+        start = time.perf_counter()
+        report = run_scan(cache, ensemble, out, batch_size=batch_size, device=device, eform_model=eform, domain=domain,
+                          rank=rank, world=world, progress=not args.no_progress, sync=sync)
+    except (CheckpointError, CacheError, ScanError, ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the rows written so far are kept; run the same command again to continue", file=sys.stderr)
+        return 130
+    if rank != 0:
+        return 0
+    seconds = time.perf_counter() - start
+    done = report.predicted + report.failed
+    rate = f", {done / seconds:.1f} structures/s per process" if done and seconds > 0 else ""
+    title = f"{paper_name(info.init, info.dataset)} ({len(ensemble)} models, {info.selection}) on {cache.path.name}"
+    notes = [info.describe(), f"cache {cache.path} (cutoff {cache.cutoff:g} Å)", domain_note,
+             f"this run: {done} structures in {seconds:.1f} s by rank 0 of {world}{rate}; {report.skipped} already done"]
+    summary = summarize(out, top=args.top, correlations=args.correlations)
+    if args.correlations and not args.with_eform:
+        notes.append("formation energy not correlated: add --with-eform")
+    md = write_summary(out, summary, args.top, [n for n in notes if n], title)
+    print(f"wrote {out} ({summary.rows} rows: {summary.predicted} predicted, {summary.errors} without a prediction, "
+          f"{summary.warned} with a warning){rate}")
+    print(f"summary: {md}")
+    print(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

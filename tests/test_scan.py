@@ -1,0 +1,307 @@
+"""scan.py: the nine-model screening of a graph cache (ensemble, streaming, resume, torchrun, summary)."""
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+from pymatgen.io.cif import CifWriter
+
+from megnet_pt.cache import GraphCache, build_cache
+from paraisite import screening
+from paraisite.checkpoint import save_model
+from paraisite.ensemble import Ensemble, StackedEform, load_ensemble
+from paraisite.model import ParAIsite
+from paraisite.transform import TargetTransform
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import scan  # noqa: E402
+
+N_TOGO, N_AFLOW = 20, 12
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, shared):
+    """One working folder: the training-domain cache (togo15) and converted weights are built once."""
+    d = tmp_path_factory.mktemp("scan")
+    old, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(d)
+    torch.set_num_threads(1)  # tiny batches on a shared machine: threads only wait for each other
+    yield d
+    torch.set_num_threads(threads)
+    os.chdir(old)
+
+
+def make_run(run: Path, seed: int = 0) -> Path:
+    """Nine random ParAIsite checkpoints laid out as train.py writes them (heads scaled so the models disagree)."""
+    (run).mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps({"init": "rw", "dataset": "togo15", "cutoff": 4.0}))
+    for k in range(1, 10):
+        torch.manual_seed(1000 * seed + k)
+        model = ParAIsite()
+        with torch.no_grad():
+            for p in model.head.parameters():
+                p.mul_(3.0)
+        save_model(model, TargetTransform(0.8 + 0.05 * k, 0.5), run / f"split{k}" / "best.pt",
+                   init="rw", dataset="togo15", split=k, epoch=1, selection="best")
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(workdir):
+    return make_run(workdir / "runs" / "tiny")
+
+
+@pytest.fixture(scope="module")
+def inputs(workdir, shared):
+    """A few dozen structures: Togo15 and AFLOW CIFs, an isolated atom, an unsupported element, a broken file."""
+    d = workdir / "structures"
+    d.mkdir()
+    for f in sorted((shared / "data" / "togo15" / "cif").glob("*.cif"))[:N_TOGO]:
+        shutil.copy(f, d / f.name)
+    for f in sorted((shared / "data" / "aflow_agl" / "cif").glob("*.cif"))[::270][:N_AFLOW]:
+        shutil.copy(f, d / f.name)
+    CifWriter(Structure(Lattice.cubic(9.0), ["Na"], [[0, 0, 0]])).write_file(d / "lonely-Na.cif")
+    CifWriter(Structure(Lattice.cubic(3.36), ["Po"], [[0, 0, 0]])).write_file(d / "polonium.cif")
+    (d / "broken.cif").write_text("data_broken\nthis is not a CIF\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def cache_path(workdir, inputs):
+    path = workdir / "structures.h5"
+    build_cache([inputs], path, cutoff=4.0, progress=False)
+    return path
+
+
+def run_scan_cli(*args) -> int:
+    return scan.main([str(a) for a in args] + ["--no-progress", "--with-eform"])
+
+
+def read(path: Path) -> list[dict]:
+    return list(csv.DictReader(open(path, newline="")))
+
+
+def values(rows: list[dict], prefix: str = "ltc_") -> np.ndarray:
+    names = [c for c in rows[0] if c.startswith(prefix)]
+    return np.array([[float(r[c]) if r[c] else math.nan for c in names] for r in rows])
+
+
+@pytest.fixture(scope="module")
+def baseline(workdir, run_dir, cache_path):
+    """One complete scan, batch size 32, one process: what every variant must reproduce."""
+    out = workdir / "base" / "ltc.csv"
+    out.parent.mkdir()
+    assert run_scan_cli(cache_path, "--models", run_dir, "--out", out, "--correlations", "--top", "10") == 0
+    return out
+
+
+def test_fused_pass_matches_each_models_own_forward(run_dir, cache_path, shared, workdir):
+    ensemble = load_ensemble(run_dir)
+    cache = GraphCache(cache_path)
+    batch = cache.batch(np.arange(len(cache)))
+    ensemble.method = "reference"
+    ref = ensemble(batch)
+    ensemble.method = "fused"
+    for per_pass in (None, 2):
+        ensemble.set_models_per_pass(per_pass)
+        torch.testing.assert_close(ensemble(batch), ref, rtol=2e-5, atol=1e-6)
+    assert ref.shape == (len(cache), 9) and (ref.std(dim=1) > 0).all()
+    from megnet_pt import load_pretrained
+
+    published = load_pretrained()
+    torch.testing.assert_close(StackedEform(published)(batch), published(batch).prediction, rtol=1e-5, atol=1e-5)
+
+
+def test_every_input_id_once_in_input_order(baseline, cache_path):
+    cache = GraphCache(cache_path)
+    rows = read(baseline)
+    assert [r["id"] for r in rows] == cache.ids + [i for i, _ in cache.failures]
+    assert len(rows) == N_TOGO + N_AFLOW + 3
+    header = list(rows[0])
+    assert header[:2] == ["id", "formula"] and header[2:11] == [f"ltc_split{k}" for k in range(1, 10)]
+    assert header[11:16] == screening.STAT_COLUMNS and header[-2:] == ["eform_ev_per_atom", "warning"]
+    pred = values(rows)[:, :9]
+    ok = np.isfinite(pred).all(axis=1)
+    stats = values(rows)[ok]
+    m, s = pred[ok].mean(1), pred[ok].std(1, ddof=1)
+    np.testing.assert_allclose(stats[:, 9], m, rtol=1e-5)
+    np.testing.assert_allclose(stats[:, 10], s, rtol=1e-5)
+    np.testing.assert_allclose(stats[:, 11], s / m, rtol=1e-5)
+    np.testing.assert_allclose(stats[:, 12], pred[ok].max(1), rtol=1e-6)
+    np.testing.assert_allclose(stats[:, 13], pred[ok].max(1) * s / m, rtol=1e-5)
+    assert not (baseline.parent / "ltc.csv.parts").exists() and (baseline.parent / "ltc.scan.json").is_file()
+    from megnet_pt import load_pretrained
+
+    eform = load_pretrained()(cache.batch(np.arange(len(cache)))).prediction.detach().numpy()
+    np.testing.assert_allclose([float(r["eform_ev_per_atom"]) for r in rows[: len(cache)]], eform, rtol=1e-5, atol=1e-5)
+    assert all(r["eform_ev_per_atom"] == "" for r in rows[len(cache):])
+
+
+def test_failing_and_unusual_structures_are_reported_not_dropped(baseline, shared):
+    rows = {r["id"]: r for r in read(baseline)}
+    for sid, reason in (("broken", "cannot read"), ("polonium", "Po")):
+        assert rows[sid]["warning"].startswith("error: could not be turned into a graph") and reason in rows[sid]["warning"]
+        assert rows[sid]["ltc_mean"] == "" and rows[sid]["ltc_split1"] == ""
+    assert "1 of 1 atoms have no neighbour within 4" in rows["lonely-Na"]["warning"]
+    assert rows["lonely-Na"]["ltc_mean"] != ""
+    # outside the training data: elements absent from Togo15, or more than twice its largest cell (4 atoms)
+    togo_elements = set()
+    for r in csv.DictReader(open(shared / "data" / "togo15" / "labels.csv")):
+        from pymatgen.core import Composition
+
+        togo_elements |= {str(e) for e in Composition(r["formula"]).elements}
+    for r in rows.values():
+        if r["warning"].startswith("error:"):
+            continue
+        from pymatgen.core import Composition
+
+        unseen = {str(e) for e in Composition(r["formula"]).elements} - togo_elements
+        assert ("not in the training data" in r["warning"]) == bool(unseen), r
+        assert ("far beyond the training cells" in r["warning"]) == (int(r["n_sites"]) > 8), r
+
+
+def test_same_output_whatever_the_batch_size(baseline, run_dir, cache_path, workdir):
+    base = read(baseline)
+    for batch_size in (1, 5):
+        out = workdir / f"bs{batch_size}" / "ltc.csv"
+        assert run_scan_cli(cache_path, "--models", run_dir, "--out", out, "--batch-size", batch_size) == 0
+        rows = read(out)
+        assert [r["id"] for r in rows] == [r["id"] for r in base]
+        assert [r["warning"] for r in rows] == [r["warning"] for r in base]
+        np.testing.assert_allclose(values(rows), values(base), rtol=2e-5, equal_nan=True)
+        np.testing.assert_allclose(values(rows, "volume"), values(base, "volume"), rtol=1e-6, equal_nan=True)
+
+
+def test_resume_after_interruption_loses_and_duplicates_nothing(baseline, run_dir, cache_path, workdir, monkeypatch):
+    out = workdir / "resume" / "ltc.csv"
+    calls = {"n": 0}
+    real = screening.predict_batch
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(screening, "predict_batch", interrupted)
+    assert run_scan_cli(cache_path, "--models", run_dir, "--out", out, "--batch-size", 4) == 130
+    part = out.with_name("ltc.csv.parts") / "rank0.csv"
+    written = read(part)
+    assert len(written) == 2 + 2 * 4 and not out.exists()  # the two failures, then two batches
+    with open(part, "a") as f:  # a kill in the middle of a row
+        f.write("mp-cut-short,AB,0.1,0.2")
+    monkeypatch.setattr(screening, "predict_batch", real)
+    calls["n"] = 0
+    assert run_scan_cli(cache_path, "--models", run_dir, "--out", out, "--batch-size", 4) == 0
+    rows, base = read(out), read(baseline)
+    assert [r["id"] for r in rows] == [r["id"] for r in base]
+    np.testing.assert_allclose(values(rows), values(base), rtol=2e-5, equal_nan=True)
+    # A finished scan is not redone: a re-run only rewrites the summary.
+    monkeypatch.setattr(screening, "predict_batch", lambda *a, **k: pytest.fail("predicted again"))
+    assert run_scan_cli(cache_path, "--models", run_dir, "--out", out) == 0
+    assert read(out) == rows
+
+
+def test_resume_with_other_models_is_refused(baseline, cache_path, workdir, capsys):
+    other = make_run(workdir / "runs" / "other", seed=1)
+    assert run_scan_cli(cache_path, "--models", other, "--out", baseline) == 2
+    assert "other models" in capsys.readouterr().err
+    assert run_scan_cli(cache_path, "--models", workdir / "runs" / "missing", "--out", workdir / "x.csv") == 2
+    assert "no such run folder" in capsys.readouterr().err
+
+
+def test_models_failing_on_a_structure_cost_only_its_row(run_dir, cache_path, workdir, monkeypatch):
+    victim = GraphCache(cache_path).ids[5]
+    real = Ensemble.forward
+
+    def fragile(self, batch):
+        if victim in list(batch.id):
+            raise RuntimeError("simulated failure")
+        return real(self, batch)
+
+    monkeypatch.setattr(Ensemble, "forward", fragile)
+    out = workdir / "fragile" / "ltc.csv"
+    assert run_scan_cli(cache_path, "--models", run_dir, "--out", out, "--batch-size", 8) == 0
+    rows = {r["id"]: r for r in read(out)}
+    assert rows[victim]["warning"].startswith("error: the models failed on this structure")
+    assert rows[victim]["ltc_mean"] == "" and rows[victim]["n_sites"] != ""
+    assert sum(1 for r in rows.values() if r["ltc_mean"]) == N_TOGO + N_AFLOW + 1 - 1
+
+
+def test_structure_files_are_cached_first(baseline, run_dir, inputs, workdir):
+    out = workdir / "from_cifs" / "ltc.csv"
+    assert run_scan_cli(inputs, "--models", run_dir, "--out", out, "--cache", workdir / "from_cifs" / "g.h5") == 0
+    rows, base = read(out), read(baseline)
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in base)
+    assert (workdir / "from_cifs" / "g.h5").is_file()
+
+
+def test_top_table_and_plots(baseline):
+    rows = [r for r in read(baseline) if r["ltc_max"]]
+    expected = sorted(rows, key=lambda r: float(r["ltc_max"]))[:10]
+    md = baseline.with_name("ltc.summary.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [line.split(" | ")[1] for line in table] == [r["id"] for r in expected]
+    for suffix in (".ltc.png", ".spread.png"):
+        png = baseline.with_name("ltc" + suffix)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_correlations_match_numpy(baseline):
+    rows = [r for r in read(baseline) if r["ltc_mean"]]
+    stored = {(c["target"], c["descriptor"]): c for c in csv.DictReader(open(baseline.with_name("ltc.correlations.csv")))}
+    mean = np.array([float(r["ltc_mean"]) for r in rows])
+    variance = np.array([float(r["ltc_std"]) for r in rows]) ** 2
+    for descriptor in ("volume", "n_sites", "density", "atomic_density", "n_elements", "eform_ev_per_atom"):
+        x = np.array([float(r[descriptor]) for r in rows])
+        for target, y in (("ltc_mean", mean), ("ltc_variance", variance)):
+            c = stored[(target, descriptor)]
+            assert int(c["n"]) == len(rows)
+            assert float(c["pearson_r"]) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-9)
+
+
+def test_pearson_p_value_and_chunked_accumulation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=1001)
+    y = 0.1 * x + rng.normal(size=1001)
+    acc = screening.PearsonAccumulator()
+    for a in range(0, 1001, 97):
+        acc.add(x[a : a + 97], y[a : a + 97])
+    r, p, n = acc.result()
+    assert n == 1001 and r == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    # t = r sqrt(n-2)/sqrt(1-r^2); for n = 3 the t distribution (1 dof) is Cauchy: p = 1 - 2 atan(|t|)/pi
+    for r3 in (0.1, 0.5, 0.9, -0.99):
+        t = r3 / math.sqrt(1 - r3 * r3)
+        assert screening.pearson_p_value(r3, 3) == pytest.approx(1 - 2 * math.atan(abs(t)) / math.pi, rel=1e-10)
+    # nu = 2: p = 1 - |t| / sqrt(2 + t^2)
+    t = 0.7 * math.sqrt(2) / math.sqrt(1 - 0.49)
+    assert screening.pearson_p_value(0.7, 4) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-10)
+    stats = pytest.importorskip("scipy.stats")
+    assert p == pytest.approx(stats.pearsonr(x, y)[1], rel=1e-8)
+    for r_, n_ in ((0.3, 10), (0.05, 34000), (0.8, 50), (-0.2, 200)):
+        expected = 2 * stats.t.sf(abs(r_) * math.sqrt((n_ - 2) / (1 - r_ * r_)), n_ - 2)
+        assert screening.pearson_p_value(r_, n_) == pytest.approx(expected, rel=1e-8)
+
+
+def test_torchrun_two_processes_give_the_one_process_output(baseline, run_dir, cache_path, workdir):
+    out = workdir / "ddp" / "ltc.csv"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "scan.py"), str(cache_path), "--models", str(run_dir), "--out", str(out), "--batch-size", "3",
+           "--no-progress", "--with-eform"]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, base = read(out), read(baseline)
+    assert [r["id"] for r in rows] == [r["id"] for r in base]
+    assert [r["warning"] for r in rows] == [r["warning"] for r in base]
+    np.testing.assert_allclose(values(rows), values(base), rtol=2e-5, equal_nan=True)
+    assert not out.with_name("ltc.csv.parts").exists()
