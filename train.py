@@ -27,6 +27,7 @@ import torch
 from megnet_pt.checkpoint import CheckpointError
 from megnet_pt.predict import resolve_device
 from paraisite.datasets import NAMES, DatasetError, LTCDataset, load_dataset
+from paraisite.ensemble_training import train_splits_together
 from paraisite.report import plot_curves, plot_parity, summary_markdown, paper_name
 from paraisite.training import (
     INITS, TrainConfig, aflow_checkpoint, check_aflow_checkpoint, check_run_config, evaluate_split, read_csv,
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after the epoch that passes this many "
                    "minutes; re-run the same command to go on")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--ensemble", action="store_true", help="train the selected splits together as one vectorised model "
+                   "(same results to float32 round-off); meant for a GPU, and on a CPU faster for small datasets only")
     return p
 
 
@@ -123,7 +126,8 @@ def write_reports(run_dir: Path, config: TrainConfig, device: torch.device) -> N
 
 
 def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str], device: torch.device,
-        deadline: float | None, progress: bool, rank: int = 0, world: int = 1, report: bool = True) -> bool:
+        deadline: float | None, progress: bool, rank: int = 0, world: int = 1, report: bool = True,
+        ensemble: bool = False) -> bool:
     """Train and evaluate ``splits`` (this process's share under torchrun); True when all are done."""
     mine = splits[rank::world]
     aflow_run = Path(config.aflow_run) if config.init in ("fe+af", "rw+af") else None
@@ -135,8 +139,8 @@ def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str],
         check_run_config(run_dir, config)
         if needs_stage:
             check_run_config(aflow_run, stage)
-            load_dataset("aflow_agl", cutoff=config.cutoff)  # builds its graph cache once, before the ranks need it
-        return {name: load_dataset(name, cutoff=config.cutoff) for name in dict.fromkeys([config.dataset, *tests])}
+            load_dataset("aflow_agl", cutoff=config.cutoff, progress=progress)  # builds its graph cache once, before the ranks need it
+        return {name: load_dataset(name, cutoff=config.cutoff, progress=progress) for name in dict.fromkeys([config.dataset, *tests])}
 
     # Under torchrun, rank 0 writes config.json and builds the graph caches; the others then only read them.
     datasets = prepare() if rank == 0 else {}
@@ -149,9 +153,12 @@ def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str],
             check_aflow_checkpoint(aflow_checkpoint(aflow_run, k), config.init, k, config.cutoff)
         if missing:
             print(f"AFLOW models of split(s) {missing} not in {aflow_run}: training them first ({stage.init}, aflow_agl)", file=sys.stderr)
-            if not run(stage, missing, aflow_run, [], device, deadline, progress, report=world == 1):
+            if not run(stage, missing, aflow_run, [], device, deadline, progress, report=world == 1, ensemble=ensemble):
                 return False
     data = datasets[config.dataset]
+    # the ensemble writes every split's final.pt; train_split below then only finds them done
+    if ensemble and not train_splits_together(data, mine, config, run_dir, device, deadline, progress):
+        return False
     finished = True
     for k in mine:
         d = split_dir(run_dir, k)
@@ -185,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"--aflow-run {aflow_run}: no AFLOW model for split(s) {gone} (expected {aflow_checkpoint(Path(aflow_run), gone[0])})")
         run_dir = Path(args.run_dir or f"runs/{args.init}_{Path(args.dataset).name}")
         deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
-        done = run(config, args.splits, run_dir, tests, device, deadline, not args.no_progress, rank, world)
+        done = run(config, args.splits, run_dir, tests, device, deadline, not args.no_progress, rank, world,
+                   ensemble=args.ensemble)
         barrier(world)
         if world > 1 and rank == 0:
             done = all((split_dir(run_dir, k) / "results.csv").is_file() for k in args.splits)

@@ -126,6 +126,10 @@ def train_split(
     out = split_dir(run_dir, k)
     if (out / "final.pt").is_file():
         return True
+    for group in run_dir.glob("ensemble_state_*.pt"):
+        if str(k) in group.stem.removeprefix("ensemble_state_").split("-"):
+            raise CheckpointError(f"{group}: split {k} was being trained with --ensemble; resume it with --ensemble "
+                                  "(or delete the file to start the split again)")
     out.mkdir(parents=True, exist_ok=True)
     train_idx, val_idx = data.split(k)
     y = data.ltc.to(device)

@@ -216,3 +216,12 @@ def test_torchrun_spreads_splits_over_two_processes(workdir):
     rows = list(csv.DictReader(open(workdir / "runs" / "ddp" / "results.csv")))
     assert sorted({r["split"] for r in rows}) == ["1", "2"]
     assert (workdir / "runs" / "ddp" / "summary.md").is_file()
+
+
+def test_sequential_run_refuses_a_split_left_by_an_ensemble_run(workdir, capsys):
+    run = workdir / "runs" / "was_ensemble"
+    run.mkdir(parents=True)
+    (run / "ensemble_state_1-2.pt").write_bytes(b"x")
+    rc = run_train("--init", "rw", "--dataset", "togo15", "--epochs", "1", "--splits", "1", "--run-dir", str(run))
+    assert rc == 2 and "resume it with --ensemble" in capsys.readouterr().err
+    assert not (run / "split1" / "state.pt").exists()

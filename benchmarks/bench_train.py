@@ -1,0 +1,207 @@
+"""Benchmark: training seconds per epoch at batch 8, one split at a time vs the nine splits together.
+
+    python benchmarks/bench_train.py [--datasets togo15,aflow_agl] [--threads 1] [--steps 30] [--rounds 3]
+
+For each dataset and device (the CPU, and CUDA when available) it times
+
+(a) the sequential path, the step of ``paraisite.training.train_split``
+    (collate, forward, MAPE, backward, fused Adam), split after split;
+(b) the ensemble path, ``paraisite.ensemble_training.train_step`` on the
+    M splits' batches padded and stacked, one vmapped step for all;
+
+on the same batches (the first ``--steps`` of each split's epoch-1 shuffle),
+alternating (a) and (b) for ``--rounds`` rounds, plus one validation pass and
+one resume-state save per round. A split-epoch is then
+
+    sequential:  steps/epoch * t_step + t_val + t_save          (per split)
+    ensemble:   (steps/epoch * t_step + t_val + t_save) / M     (per split)
+
+printed in wall seconds and, on the CPU, in process CPU seconds (less
+sensitive to other jobs on a shared machine; equal to wall time on an idle
+one when a single thread is used), with the ratios to the original matgl/DGL
+code (about 25 s per AFLOW epoch and 0.4 s per Togo15 epoch on a 2-core
+machine) and the projected time of the whole AFLOW stage (9 splits x 300
+epochs). Medians over rounds; compare ratios, not absolute figures, on a
+shared machine. Saving best.pt (only when validation improves) and writing
+curve.csv are left out of both.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_geometric.data import Batch
+
+from paraisite.checkpoint import atomic_save
+from paraisite.datasets import load_dataset
+from paraisite.ensemble_training import (
+    PackedGraphs, StackedModel, pad_batches, train_step, validate, validate_one_by_one,
+)
+from paraisite.metrics import mape_loss
+from paraisite.training import ETA_MIN, T_MAX, TrainConfig, _epoch_generator, initial_model, predict
+from paraisite.transform import TargetTransform
+
+ORIGINAL = {"togo15": 0.4, "aflow_agl": 25.0}  # s per epoch, matgl/DGL on the 2-core machine
+STAGE_EPOCHS = 300
+
+
+class Clock:
+    """Wall and process CPU seconds of a block (synchronising CUDA first)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> "Clock":
+        self._sync()
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def adam(params: list[torch.Tensor], lr: float) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LRScheduler]:
+    optimizer = torch.optim.Adam(params, lr=lr, eps=1e-8, fused=True)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=T_MAX, eta_min=ETA_MIN)
+
+
+def bench(name: str, device: torch.device, args: argparse.Namespace, tmp: Path) -> None:
+    data = load_dataset(name)
+    config = TrainConfig(init=args.init, dataset=name, batch_size=args.batch_size)
+    splits = list(range(1, args.splits + 1))
+    M, B = len(splits), args.batch_size
+    parts = [data.split(k) for k in splits]
+    n_train = len(parts[0][0])
+    per_epoch = -(-n_train // B)
+    steps = min(args.steps or per_epoch, per_epoch)
+    orders = [t[torch.randperm(n_train, generator=_epoch_generator(config.seed, k, 1)).numpy()]
+              for k, (t, _) in zip(splits, parts)]
+    batches = [[o[i * B : (i + 1) * B] for o in orders] for i in range(steps)]  # [step][split]
+    transforms = [TargetTransform.fit(data.ltc[t]) for t, _ in parts]
+
+    # (a) one model and optimiser per split, the loop body of training.train_split
+    graphs = [g.to(device) for g in data.graphs] if device.type != "cpu" else data.graphs
+    y = data.ltc.to(device)
+    models = [initial_model(config, k).to(device) for k in splits]
+    seq_opt = [adam([p for p in m.parameters() if p.requires_grad], config.lr) for m in models]
+
+    def seq_steps(todo: list[list[np.ndarray]]) -> None:
+        for m, (model, (optimizer, _), transform) in enumerate(zip(models, seq_opt, transforms)):
+            model.train()
+            for step in todo:
+                idx = step[m]
+                loss = mape_loss(transform.inverse(model(Batch.from_data_list([graphs[j] for j in idx]))), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss.item()
+
+    def seq_val() -> None:
+        for model, transform, (_, v) in zip(models, transforms, parts):
+            float(mape_loss(predict(model, [graphs[i] for i in v], transform, device), data.ltc[v]))
+
+    def seq_save() -> None:
+        model, (optimizer, scheduler) = models[0], seq_opt[0]
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "curve": [], "best": {}}, tmp / "state.pt")
+
+    # (b) the M splits as one stacked model
+    members = [initial_model(config, k) for k in splits]
+    net = StackedModel(members, device)
+    ens_opt, ens_sched = adam(net.trainable(), config.lr)
+    packed = PackedGraphs.from_dataset(data, device)
+    mean = torch.tensor([t.mean for t in transforms], device=device)
+    std = torch.tensor([t.std for t in transforms], device=device)
+
+    def ens_steps(todo: list[list[np.ndarray]]) -> None:
+        for step in todo:
+            train_step(net, ens_opt, pad_batches(packed, step), mean, std)
+
+    def ens_val() -> None:  # as train_splits_together chooses
+        if device.type == "cpu":
+            validate_one_by_one(net, members, data, [v for _, v in parts], transforms)
+        else:
+            validate(net, packed, [v for _, v in parts], transforms)
+
+    def ens_save() -> None:
+        atomic_save({"splits": splits, "params": {n: p.detach() for n, p in net.params.items()},
+                     "optimizer": ens_opt.state_dict(), "scheduler": ens_sched.state_dict()}, tmp / "ensemble_state.pt")
+
+    seq_steps(batches[:2])  # warm-up
+    ens_steps(batches[:2])
+    keys = ("seq", "seq_val", "seq_save", "ens", "ens_val", "ens_save")
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
+    for _ in range(args.rounds):
+        for key, fn in (("seq", lambda: seq_steps(batches)), ("seq_val", seq_val), ("seq_save", seq_save),
+                        ("ens", lambda: ens_steps(batches)), ("ens_val", ens_val), ("ens_save", ens_save)):
+            with Clock(device) as c:
+                fn()
+            times[key].append((c.wall, c.cpu))
+
+    def med(key: str, i: int) -> float:
+        return statistics.median(t[i] for t in times[key])
+
+    load = os.getloadavg()[0]
+    label = f"{name} [{device.type}{f', {torch.get_num_threads()} thread(s)' if device.type == 'cpu' else ''}]"
+    print(f"\n{label}: {M} splits, {n_train} training / {len(parts[0][1])} validation structures per split, "
+          f"{per_epoch} steps per epoch ({steps} timed), {args.rounds} rounds; load average now {load:.1f}")
+    clocks = [(0, "wall")] + ([(1, "CPU")] if device.type == "cpu" else [])
+    rows = {}
+    for i, clock in clocks:
+        seq = per_epoch * med("seq", i) / (M * steps) + (med("seq_val", i) / M) + med("seq_save", i)
+        ens = (per_epoch * med("ens", i) / steps + med("ens_val", i) + med("ens_save", i)) / M
+        rows[clock] = (seq, ens)
+        print(f"  {clock:4s} s per split-epoch: sequential {seq:7.3f}, ensemble of {M} {ens:7.3f}; "
+              f"ensemble speed-up {seq / ens:4.2f}x")
+        print(f"       speed-up vs the original's {ORIGINAL[name]} s/epoch: sequential {ORIGINAL[name] / seq:5.2f}x, "
+              f"ensemble {ORIGINAL[name] / ens:5.2f}x")
+        if name == "aflow_agl":
+            stage = 9 * STAGE_EPOCHS
+            print(f"       whole AFLOW stage (9 splits x {STAGE_EPOCHS} epochs): "
+                  f"sequential {seq * stage / 3600:5.2f} h, ensemble {ens * stage / 3600:5.2f} h "
+                  f"({ens * stage / 60:.0f} min); original {ORIGINAL[name] * stage / 3600:.1f} h")
+    step_ms = {k: 1e3 * med(k, 0) for k in ("seq", "ens")}
+    print(f"  per step (wall): sequential {step_ms['seq'] / (M * steps):.1f} ms per split, "
+          f"ensemble {step_ms['ens'] / steps:.1f} ms for {M} splits; validation: sequential "
+          f"{med('seq_val', 0) / M:.3f} s per split, ensemble {med('ens_val', 0):.3f} s for {M}; resume state: "
+          f"sequential {med('seq_save', 0):.3f} s per split, ensemble {med('ens_save', 0):.3f} s for {M}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--datasets", default="togo15,aflow_agl")
+    parser.add_argument("--devices", default=None, help="comma-separated (default: cpu, and cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--splits", type=int, default=9, help="splits trained together (and one by one)")
+    parser.add_argument("--steps", type=int, default=30,
+                        help="training steps timed per round, at most one epoch (0: one epoch)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--init", default="rw", help="rw or fe (timings do not depend on the weights)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU(s), {torch.get_num_threads()} thread(s)"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+          + f"; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.datasets.split(","):
+            for device in devices:
+                bench(name, torch.device(device), args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Training the splits together (paraisite.ensemble_training) against the sequential train_split."""
+import csv
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megnet_pt.checkpoint import CheckpointError
+from paraisite import ensemble_training
+from paraisite.datasets import load_dataset
+from paraisite.ensemble_training import state_path, train_splits_together
+from paraisite.training import TrainConfig, initial_model, train_split
+from paraisite.transform import TargetTransform
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+CPU = torch.device("cpu")
+CONFIG = TrainConfig(init="rw", dataset="togo15", epochs=3)
+SPLITS = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, shared):
+    """One working folder (graph caches go to ./data), one thread: fast on a busy machine, and reproducible."""
+    d = tmp_path_factory.mktemp("ensemble")
+    old, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(d)
+    torch.set_num_threads(1)
+    yield d
+    torch.set_num_threads(threads)
+    os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def runs(workdir):
+    """The same two splits trained one by one (train_split) and together (train_splits_together)."""
+    data = load_dataset("togo15")
+    for k in SPLITS:
+        assert train_split(data, k, CONFIG, workdir / "seq", CPU, progress=False)
+    assert train_splits_together(data, SPLITS, CONFIG, workdir / "ens", CPU, progress=False)
+    return data, workdir / "seq", workdir / "ens"
+
+
+def curve(run: Path, k: int) -> list[dict]:
+    with open(run / f"split{k}" / "curve.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def checkpoint(run: Path, k: int, selection: str) -> dict:
+    return torch.load(run / f"split{k}" / f"{selection}.pt", weights_only=True)
+
+
+def test_ensemble_matches_the_sequential_path(runs):
+    _, seq, ens = runs
+    assert not list(ens.glob("ensemble_state*")) and not list(ens.glob("split*/state.pt"))
+    for k in SPLITS:
+        a, b = curve(seq, k), curve(ens, k)
+        assert list(a[0]) == list(b[0]) and len(a) == len(b) == CONFIG.epochs
+        for ra, rb in zip(a, b):
+            assert ra["epoch"] == rb["epoch"] and ra["lr"] == rb["lr"]
+            for column in ("train_loss", "val_loss"):
+                assert float(rb[column]) == pytest.approx(float(ra[column]), rel=1e-5), (k, ra["epoch"], column)
+        for selection in ("best", "final"):
+            pa, pb = checkpoint(seq, k, selection), checkpoint(ens, k, selection)
+            wa, wb = pa.pop("state_dict"), pb.pop("state_dict")
+            assert pa == pb  # metadata: epoch, selection, transform, config
+            assert wa.keys() == wb.keys()
+            for name, value in wa.items():
+                torch.testing.assert_close(wb[name], value, rtol=1e-4, atol=1e-5, msg=f"split {k} {selection} {name}")
+    # the splits really differ (own shuffle, own transform), so the comparison above is not trivial
+    assert checkpoint(ens, 1, "final")["transform"] != checkpoint(ens, 2, "final")["transform"]
+
+
+def test_vectorised_validation_matches_the_one_by_one_validation(runs):
+    data = runs[0]
+    config = TrainConfig(init="rw", dataset="togo15")
+    models = [initial_model(config, k) for k in SPLITS]
+    net = ensemble_training.StackedModel(models, CPU)
+    val_idx = [data.split(k)[1] for k in SPLITS]
+    transforms = [TargetTransform.fit(data.ltc[data.split(k)[0]]) for k in SPLITS]
+    packed = ensemble_training.PackedGraphs.from_dataset(data, CPU)
+    vectorised = ensemble_training.validate(net, packed, val_idx, transforms)
+    one_by_one = ensemble_training.validate_one_by_one(net, models, data, val_idx, transforms)
+    assert vectorised == pytest.approx(one_by_one, rel=1e-5) and vectorised[0] != vectorised[1]
+
+
+def test_resume_after_kill_gives_identical_weights_and_other_splits_are_refused(runs, workdir, monkeypatch):
+    data, _, ens = runs
+    killed = workdir / "killed"
+    real = ensemble_training.train_step
+    calls = {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 15:  # epoch 1 is 10 steps; die inside epoch 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ensemble_training, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_splits_together(data, SPLITS, CONFIG, killed, CPU, progress=False)
+    monkeypatch.setattr(ensemble_training, "train_step", real)
+    path = state_path(killed, SPLITS)
+    state = torch.load(path, weights_only=True)
+    assert state["splits"] == SPLITS and all(len(c) == 1 for c in state["curves"].values())
+    assert [r["epoch"] for r in curve(killed, 1)] == ["1"]
+
+    with pytest.raises(CheckpointError, match=str(path.name)):  # another set of splits is refused, not restarted
+        train_splits_together(data, [1], CONFIG, killed, CPU, progress=False)
+    assert train_splits_together(data, SPLITS, CONFIG, killed, CPU, progress=False)
+    assert not path.exists()
+    for k in SPLITS:
+        a, b = checkpoint(ens, k, "final")["state_dict"], checkpoint(killed, k, "final")["state_dict"]
+        for name in a:
+            assert torch.equal(a[name], b[name]), (k, name)
+        assert [r["val_loss"] for r in curve(ens, k)] == [r["val_loss"] for r in curve(killed, k)]
+
+
+def test_kill_while_writing_the_final_models(workdir, monkeypatch):
+    data, config, run = load_dataset("togo15"), TrainConfig(init="rw", dataset="togo15", epochs=1), workdir / "late"
+    real = ensemble_training.save_model
+
+    def dying_save(model, transform, path, **meta):
+        if meta["selection"] == "final" and meta["split"] == 2:
+            raise KeyboardInterrupt
+        real(model, transform, path, **meta)
+
+    monkeypatch.setattr(ensemble_training, "save_model", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_splits_together(data, SPLITS, config, run, CPU, progress=False)
+    monkeypatch.setattr(ensemble_training, "save_model", real)
+    assert (run / "split1" / "final.pt").is_file() and not (run / "split2" / "final.pt").exists()
+    mtime = (run / "split1" / "final.pt").stat().st_mtime_ns
+    # split 2 alone is pending now, and the complete state of splits 1-2 finishes it without training
+    assert train_splits_together(data, SPLITS, config, run, CPU, progress=False)
+    assert (run / "split2" / "final.pt").is_file() and not state_path(run, SPLITS).exists()
+    assert (run / "split1" / "final.pt").stat().st_mtime_ns == mtime
+    assert [r["epoch"] for r in curve(run, 2)] == ["1"]
+
+
+def test_foreign_resume_states_are_refused(workdir):
+    data = load_dataset("togo15")
+    run = workdir / "foreign"
+    run.mkdir()
+    torch.save({"splits": [1, 3], "dataset": "togo15"}, state_path(run, SPLITS))
+    message = r"ensemble_state_1-2\.pt: resume state of the ensemble of split\(s\) \[1, 3\]"
+    with pytest.raises(CheckpointError, match=message):
+        train_splits_together(data, SPLITS, CONFIG, run, CPU, progress=False)
+    state_path(run, SPLITS).write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="ensemble_state_1-2.pt: cannot resume"):
+        train_splits_together(data, SPLITS, CONFIG, run, CPU, progress=False)
+    state_path(run, SPLITS).unlink()
+    (run / "split2").mkdir()
+    (run / "split2" / "state.pt").write_bytes(b"")  # a sequential run of split 2 in progress
+    with pytest.raises(CheckpointError, match="split2/state.pt: split 2 was being trained on its own"):
+        train_splits_together(data, SPLITS, CONFIG, run, CPU, progress=False)
+    assert not (run / "split1" / "curve.csv").exists()
+
+
+def test_train_py_ensemble_flag(workdir, capsys):
+    args = ["--init", "rw", "--dataset", "togo15", "--epochs", "1", "--splits", "2", "--run-dir", "runs/flag",
+            "--ensemble", "--no-progress"]
+    assert train.main(args) == 0
+    run = workdir / "runs" / "flag"
+    rows = list(csv.DictReader(open(run / "results.csv")))
+    assert {(r["split"], r["selection"]) for r in rows} == {(k, s) for k in ("1", "2") for s in ("best", "final")}
+    assert (run / "summary.md").is_file() and not list(run.glob("ensemble_state*"))
+    assert "done" in capsys.readouterr().out
+    mtime = (run / "split1" / "final.pt").stat().st_mtime_ns
+    assert train.main(args) == 0  # finished splits are not trained again
+    assert (run / "split1" / "final.pt").stat().st_mtime_ns == mtime
