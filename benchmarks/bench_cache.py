@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from torch_geometric.data import Batch
 
+from common import load_average, repeated_dataset
 from megnet_pt import paths
 from megnet_pt.cache import GraphCache, build_cache
 from megnet_pt.graph import structure_to_graph
@@ -61,12 +62,6 @@ print(n, graphs, seconds, base, status("VmHWM:"))
 """
 
 
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
 
 def cpu_seconds() -> float:
     """CPU time of this process and of its finished children (the build's workers)."""
@@ -82,23 +77,6 @@ def timed_build(inputs: list[Path], out: Path, workers: int) -> tuple[float, flo
     assert not report.failures, report.failures[:3]
     return seconds, cpu_seconds() - cpu
 
-
-def repeated_dataset(folder: Path, work: Path, repeat: int) -> Path:
-    """A dataset folder holding the AFLOW set ``repeat`` times, ids suffixed ``__r<k>`` (CIFs are symlinks)."""
-    out = work / f"aflow_x{repeat}"
-    (out / "cif").mkdir(parents=True, exist_ok=True)
-    rows = list(csv.DictReader(open(folder / "labels.csv", newline="")))
-    with open(out / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "formula", "ltc"])
-        for k in range(repeat):
-            for r in rows:
-                new = f"{r['id']}__r{k}"
-                writer.writerow([new, r["formula"], r["ltc"]])
-                link = out / "cif" / f"{new}.cif"
-                if not link.exists():
-                    link.symlink_to((folder / "cif" / f"{r['id']}.cif").resolve())
-    return out
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ a shared machine are noisy; compare the ratios.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -37,14 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import load_average, repeated_dataset  # noqa: E402
+
 BASELINE_PER_MODEL = 50.0  # structures/s per model, the original one-structure-at-a-time tool
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def rss_mb() -> float:
@@ -56,23 +50,6 @@ def rss_mb() -> float:
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # kB on Linux
 
-
-def repeated_dataset(folder: Path, work: Path, repeat: int) -> Path:
-    """A dataset folder holding the AFLOW set ``repeat`` times, ids suffixed ``__r<k>`` (CIFs are symlinks)."""
-    out = work / f"aflow_x{repeat}"
-    (out / "cif").mkdir(parents=True, exist_ok=True)
-    rows = list(csv.DictReader(open(folder / "labels.csv", newline="")))
-    with open(out / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "formula", "ltc"])
-        for k in range(repeat):
-            for r in rows:
-                new = f"{r['id']}__r{k}"
-                writer.writerow([new, r["formula"], r["ltc"]])
-                link = out / "cif" / f"{new}.cif"
-                if not link.exists():
-                    link.symlink_to((folder / "cif" / f"{r['id']}.cif").resolve())
-    return out
 
 
 def ensure_bench_cache(work: Path, repeat: int, workers: int) -> Path:

@@ -1114,7 +1114,7 @@ def describe(path: str | Path, failures: bool = False) -> str:
         f"{path}",
         f"  format          {a['format']}, schema {a['schema_version']}, complete",
         f"  created         {a.get('created')} by {a.get('tool')}",
-        f"  tools           " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "  tools           " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"  cutoff          {cache.cutoff:g} Å",
         f"  vocabulary      {len(vocabulary)} elements ({vocabulary[0]}..{vocabulary[-1]})",
         f"  sources         {a.get('sources_sha256')} (sha256 over the source files)",

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from .download import sha256_file
 from .elements import ELEMENTS
 from .model import MEGNet, MEGNetConfig
 

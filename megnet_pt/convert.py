@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, model_from_state, save_checkpoint, sha256_file
+from .checkpoint import CheckpointError, model_from_state, save_checkpoint
+from .download import sha256_file
 from .model import MEGNet, MEGNetConfig
 
 _RENAMES = [

@@ -1,7 +1,7 @@
 """The MEGNet model (Chen, Ye, Zuo, Zheng, Ong, Chem. Mater. 31, 3564, 2019)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch

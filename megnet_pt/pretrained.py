@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from . import paths
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, sha256_file
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from .download import sha256_file
 from .convert import convert_published
 from .model import MEGNet
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from megnet_pt import MEGNet, MEGNetConfig
 from megnet_pt.checkpoint import CheckpointError, atomic_save, load_plain
 

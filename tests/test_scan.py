@@ -154,16 +154,14 @@ def test_failing_and_unusual_structures_are_reported_not_dropped(baseline, share
     assert "1 of 1 atoms have no neighbour within 4" in rows["lonely-Na"]["warning"]
     assert rows["lonely-Na"]["ltc_mean"] != ""
     # outside the training data: elements absent from Togo15, or more than twice its largest cell (4 atoms)
+    from pymatgen.core import Composition
+
     togo_elements = set()
     for r in csv.DictReader(open(shared / "data" / "togo15" / "labels.csv")):
-        from pymatgen.core import Composition
-
         togo_elements |= {str(e) for e in Composition(r["formula"]).elements}
     for r in rows.values():
         if r["warning"].startswith("error:"):
             continue
-        from pymatgen.core import Composition
-
         unseen = {str(e) for e in Composition(r["formula"]).elements} - togo_elements
         assert ("not in the training data" in r["warning"]) == bool(unseen), r
         assert ("far beyond the training cells" in r["warning"]) == (int(r["n_sites"]) > 8), r

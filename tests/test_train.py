@@ -1,7 +1,6 @@
 """train.py: the protocol on small settings (few epochs, two splits)."""
 import csv
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from torch_geometric.data import Batch
 from megnet_pt.checkpoint import CheckpointError
 from paraisite import training
 from paraisite.checkpoint import load_model, save_model
-from paraisite.datasets import DatasetError, load_dataset
+from paraisite.datasets import load_dataset
 from paraisite.model import ParAIsite
 from paraisite.training import TrainConfig, initial_model
 from paraisite.transform import TargetTransform
