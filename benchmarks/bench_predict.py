@@ -4,13 +4,15 @@
 
 Prints structures/s for (1) CIF -> graph, (2) prediction one structure at a
 time (the original tool's path, ~50 structures/s on a 2-core machine), (3)
-batched prediction, on the CPU and on CUDA when available. Figures on a shared
-machine are noisy: compare the ratios.
+batched prediction, on the CPU and on CUDA when available, and (4) both end to
+end, from CIF files to formation energies. Figures on a shared machine are
+noisy: compare the ratios (the load average is printed).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import time
 
 import torch
@@ -29,11 +31,15 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N AFLOW structures")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--single", type=int, default=500, help="structures for the one-at-a-time timing")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     folder = paths.data_dir("aflow_agl")
     ids = [r["id"] for r in csv.DictReader(open(folder / "labels.csv"))][: args.limit]
-    print(f"{len(ids)} AFLOW structures from {folder}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{len(ids)} AFLOW structures from {folder}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
     t = time.perf_counter()
     structures = [read_structure(folder / "cif" / f"{i}.cif") for i in ids]
@@ -65,6 +71,12 @@ def main() -> None:
         print(f"[{device.type}] batched ({args.batch_size:4d})  {rate(len(graphs), t_batch)}")
         print(f"[{device.type}] batched / one-at-a-time = {r_batch / r_single:.1f}x; "
               f"batched / 50 structures/s (original tool) = {r_batch / 50:.1f}x")
+        # End to end, CIF file -> formation energy: the graph is built either way.
+        per_graph = (t_read + t_graph) / len(ids)
+        e2e_single = 1 / (per_graph + t_single / len(single))
+        e2e_batch = len(graphs) / (t_read + t_graph + t_batch)
+        print(f"[{device.type}] end to end from CIFs: one at a time {e2e_single:7.1f} structures/s, "
+              f"batched {e2e_batch:7.1f} structures/s ({e2e_batch / 50:.1f}x the original tool)")
 
 
 if __name__ == "__main__":
