@@ -1,11 +1,14 @@
 """Build docs/results.md from finished run folders (and copy the CSVs it is built from).
 
-    python scripts/make_results.py [--runs runs] [--out docs/results.md] [--scan scan_out]
+    python scripts/make_results.py [--runs runs] [--out docs/results.md] [--scan scan/aflow_ltc.csv]
+                                   [--intro intro.md] [--outro outro.md]
 
 Reads ``<runs>/<init>_<dataset>/`` folders (results.csv, split*/curve.csv,
 config.json), writes the tables beside the paper's numbers, the validation
 curves of the three steps on one plot (the paper's Fig. 6), the wall time of
 each stage, and copies each run's results.csv and curves into docs/results/.
+``--scan`` adds a finished ``scan.py`` output: its summary (top table,
+correlations), plots and metadata are copied into docs/results/scan/.
 """
 from __future__ import annotations
 
@@ -94,12 +97,31 @@ def wall_time(run: dict) -> str:
     return f"{seconds / 60:.1f} min training ({epochs} split-epochs, {seconds / max(epochs, 1):.2f} s per epoch)"
 
 
+def scan_section(csv_path: Path, dest: Path) -> list[str]:
+    """The scan's summary, plots and metadata, copied beside results.md, as markdown lines."""
+    base = csv_path.with_suffix("")
+    files = {suffix: base.with_name(base.name + suffix) for suffix in (".summary.md", ".ltc.png", ".spread.png", ".scan.json")}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        sys.exit(f"--scan {csv_path}: not a finished scan ({', '.join(missing)} missing)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files.values():
+        shutil.copy(f, dest / f.name)
+    summary = files[".summary.md"].read_text().rstrip().splitlines()
+    summary = ["#" + line if line.startswith("#") else line for line in summary]  # one level below ours
+    rel = dest.relative_to(dest.parent.parent)
+    return (["## Screening with scan.py", ""] + summary
+            + ["", f"![predicted LTC]({rel}/{files['.ltc.png'].name})",
+               f"![spread of the nine predictions]({rel}/{files['.spread.png'].name})", ""])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="runs", help="folder holding the run folders")
     parser.add_argument("--out", default="docs/results.md")
     parser.add_argument("--intro", default=None, help="markdown file whose text opens results.md (setup, differences)")
     parser.add_argument("--outro", default=None, help="markdown file whose text closes results.md (screening, what remains)")
+    parser.add_argument("--scan", default=None, help="the CSV a finished scan.py wrote; its summary and plots are included")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -130,6 +152,8 @@ def main() -> None:
         plot_steps(steps, data_dir / "fig6_validation_curves.png")
         lines += ["## Validation curves of the three steps (the paper's Fig. 6)", "",
                   "![validation curves](results/fig6_validation_curves.png)", ""]
+    if args.scan:
+        lines += scan_section(Path(args.scan), data_dir / "scan")
     if args.outro:
         lines += [Path(args.outro).read_text().rstrip(), ""]
     out.write_text("\n".join(lines) + "\n")
