@@ -10,7 +10,7 @@ import numpy as np
 METRICS = ("mape", "mae", "rmse", "r2")
 COLUMN_NAMES = {"togo15": "Togo15", "miyazaki21": "Miyazaki2021", "mix": "MIX", "aflow_agl": "AFLOW"}
 _INIT_PREFIX = {"rw": "RW", "fe": "FE", "fe+af": "FEAF", "rw+af": "RWAF"}
-_DATASET_SUFFIX = {"togo15": "TG15", "miyazaki21": "MZ21", "mix": "MIX", "aflow_agl": ""}
+_DATASET_SUFFIX = {"togo15": "TG15", "miyazaki21": "MZ21", "mix": "MIX", "aflow_agl": "AF"}
 
 # PCCP 2026 supplement, Table S2: validation MAPE, mean (std) over nine splits; row = model, column = test set.
 PAPER_MAPE = {

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PARAISITE_HOME", str(ROOT.parent / "shared"))
-SHARED = Path(os.environ["PARAISITE_HOME"])
+# made absolute: several tests change the working folder, and PARAISITE_HOME=../shared must still point there
+SHARED = Path(os.environ.get("PARAISITE_HOME") or ROOT.parent / "shared").expanduser().resolve()
+os.environ["PARAISITE_HOME"] = str(SHARED)
 
 
 @pytest.fixture(scope="session")

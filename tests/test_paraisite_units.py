@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from paraisite.metrics import mape_loss, regression_metrics
+from paraisite.report import PAPER_MAPE, paper_name, paper_value
 from paraisite.splits import nine_splits, split_indices, split_parts
 from paraisite.transform import MAX_LOG10, TargetTransform
 
@@ -65,3 +66,12 @@ def test_mix_is_split_per_source():
     t2, v2 = split_indices(143, 3)
     assert list(train) == list(t1) + list(t2 + 95)
     assert list(val) == list(v1) + list(v2 + 95)
+
+
+@pytest.mark.parametrize("init,dataset,name", [
+    ("rw", "togo15", "RWTG15"), ("fe", "aflow_agl", "FEAF"), ("rw", "aflow_agl", "RWAF"),
+    ("fe+af", "togo15", "FEAFTG15"), ("rw+af", "togo15", "RWAFTG15"), ("fe+af", "mix", "FEAFMIX"),
+])
+def test_paper_names_and_their_numbers(init, dataset, name):
+    assert paper_name(init, dataset) == name
+    assert paper_value(init, dataset, "togo15", "mape") == PAPER_MAPE[name]["togo15"]
