@@ -77,6 +77,30 @@ def test_small_run_writes_everything(workdir):
     assert (run / "split1" / "final.pt").stat().st_mtime_ns == mtime
 
 
+
+def test_make_results_builds_the_tables_from_run_folders(workdir, tmp_path):
+    """scripts/make_results.py: our mean (std) beside the paper's, the CSVs copied, Fig. 6 drawn."""
+    import shutil
+
+    run = workdir / "runs" / "small"  # from test_small_run_writes_everything
+    if not (run / "results.csv").is_file():
+        assert run_train("--init", "rw", "--dataset", "togo15", "--epochs", "2", "--splits", "2", "--run-dir", str(run)) == 0
+    shutil.copytree(run, tmp_path / "runs" / "rw_togo15")
+    out = tmp_path / "docs" / "results.md"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_results.py"), "--runs", str(tmp_path / "runs"),
+                    "--out", str(out)], check=True, capture_output=True)
+    text = out.read_text()
+    rows = [r for r in csv.DictReader(open(run / "results.csv")) if r["selection"] == "final" and r["test_dataset"] == "togo15"]
+    mape = np.array([float(r["mape"]) for r in rows])
+    assert f"| RWTG15 | MAPE | final | {mape.mean():.2f} ({mape.std():.2f}) |" in text
+    assert "| RWTG15 | MAPE | paper | 0.55 (0.20) |" in text
+    copied = tmp_path / "docs" / "results" / "rw_togo15"
+    assert (copied / "results.csv").read_text() == (run / "results.csv").read_text()
+    curves = list(csv.DictReader(open(copied / "curves.csv")))
+    assert sorted({(r["split"], r["epoch"]) for r in curves}) == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    assert (tmp_path / "docs" / "results" / "fig6_validation_curves.png").stat().st_size > 1000
+
+
 def test_scaler_is_fitted_on_training_part_only(workdir):
     data = load_dataset("togo15")
     train_idx, val_idx = data.split(1)
