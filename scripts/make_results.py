@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -82,9 +83,12 @@ def plot_steps(runs: list[dict], path: Path) -> None:
         n = min(len(c) for c in curves)
         v = np.array([[float(r["val_loss"]) for r in c[:n]] for c in curves])
         epochs = np.arange(1, n + 1)
-        ax.plot(epochs, v.mean(0), label=f"{run['name']} ({len(curves)} splits)")
-        ax.fill_between(epochs, v.mean(0) - v.std(0), v.mean(0) + v.std(0), alpha=0.15)
-    ax.set(xlabel="epoch", ylabel="validation MAPE", yscale="log", title="Togo15: validation loss of the three steps")
+        # median and quartiles: one diverging split would otherwise hide the other eight on a log axis
+        q1, median, q3 = np.quantile(v, [0.25, 0.5, 0.75], axis=0)
+        ax.plot(epochs, median, label=f"{run['name']} ({len(curves)} splits)")
+        ax.fill_between(epochs, q1, q3, alpha=0.15)
+    ax.set(xlabel="epoch", ylabel="validation MAPE (median, quartiles)", yscale="log",
+           title="Togo15: validation loss of the three steps")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -108,11 +112,11 @@ def scan_section(csv_path: Path, dest: Path) -> list[str]:
     for f in files.values():
         shutil.copy(f, dest / f.name)
     summary = files[".summary.md"].read_text().rstrip().splitlines()
-    summary = ["#" + line if line.startswith("#") else line for line in summary]  # one level below ours
     rel = dest.relative_to(dest.parent.parent)
-    return (["## Screening with scan.py", ""] + summary
-            + ["", f"![predicted LTC]({rel}/{files['.ltc.png'].name})",
-               f"![spread of the nine predictions]({rel}/{files['.spread.png'].name})", ""])
+    # one heading level below ours; the summary's images sit beside it, now in ``rel``
+    summary = ["#" + line if line.startswith("#") else re.sub(r"^(!\[[^]]*\]\()([^/)]+\))", rf"\g<1>{rel}/\g<2>", line)
+               for line in summary]
+    return summary + [""]
 
 
 def main() -> None:
@@ -128,7 +132,7 @@ def main() -> None:
     data_dir = out.parent / "results"
     data_dir.mkdir(parents=True, exist_ok=True)
     runs = [r for r in (load_run(f) for f in sorted(Path(args.runs).iterdir()) if f.is_dir()) if r]
-    order = ["RWTG15", "FETG15", "FEAFTG15", "RWAFTG15"]
+    order = ["FEAF", "RWAF", "RWTG15", "FETG15", "FEAFTG15", "RWAFTG15"]
     runs.sort(key=lambda r: (order.index(r["name"]) if r["name"] in order else 99, r["name"]))
     lines = [Path(args.intro).read_text().rstrip() + "\n"] if args.intro else ["# Results\n"]
     lines += ["## Tables (validation, mean (std) over splits)", ""]
