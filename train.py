@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "minutes; re-run the same command to go on")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--ensemble", action="store_true", help="train the selected splits together as one vectorised model "
-                   "(same results to float32 round-off); meant for a GPU, and on a CPU faster for small datasets only")
+                   "(same results to float32 round-off); meant for a GPU, and on a CPU faster when it has several threads")
     return p
 
 
