@@ -26,6 +26,7 @@ python train.py --init rw+af --dataset togo15 --test-on $TESTS --aflow-run "$RW_
 python train.py --init rw    --dataset miyazaki21 --test-on $TESTS $TRAIN_ARGS
 python train.py --init fe    --dataset miyazaki21 --test-on $TESTS $TRAIN_ARGS
 python train.py --init fe+af --dataset miyazaki21 --test-on $TESTS --aflow-run "$FE_AF" $TRAIN_ARGS
+python train.py --init rw    --dataset mix --test-on $TESTS $TRAIN_ARGS
 python train.py --init fe    --dataset mix --test-on $TESTS $TRAIN_ARGS
 python train.py --init fe+af --dataset mix --test-on $TESTS --aflow-run "$FE_AF" $TRAIN_ARGS
 # Screening with the nine FEAFTG15 models, over the AFLOW structures (standing in for Materials Project).
