@@ -238,10 +238,14 @@ def check_run_config(run_dir: Path, config: TrainConfig) -> None:
     """Write ``config.json`` on first use; refuse a folder that holds a run with other settings."""
     path = run_dir / "config.json"
     current = config.to_dict()
+    if current["aflow_run"]:
+        current["aflow_run"] = os.path.normpath(current["aflow_run"])
     if path.is_file():
         stored = json.loads(path.read_text())
-        diff = {key: (stored.get(key), value) for key, value in current.items()
-                if key != "aflow_run" and stored.get(key) != value}
+        if stored.get("aflow_run"):
+            stored["aflow_run"] = os.path.normpath(stored["aflow_run"])
+        # aflow_run too: +af models that started from other AFLOW models must not be taken as finished
+        diff = {key: (stored.get(key), value) for key, value in current.items() if stored.get(key) != value}
         if diff:
             shown = ", ".join(f"{key}: {a!r} there, {b!r} now" for key, (a, b) in diff.items())
             raise ValueError(f"{run_dir} holds a run with other settings ({shown}); use another --run-dir or delete it")
