@@ -77,13 +77,13 @@ def test_small_run_writes_everything(workdir):
     assert (run / "split1" / "final.pt").stat().st_mtime_ns == mtime
 
 
-
 def test_run_folder_of_other_aflow_models_is_refused(tmp_path):
     run = tmp_path / "fe+af_togo15"
     training.check_run_config(run, TrainConfig(init="fe+af", aflow_run="runs/fe_aflow_agl_e30"))
     training.check_run_config(run, TrainConfig(init="fe+af", aflow_run="runs/./fe_aflow_agl_e30"))  # the same folder
     with pytest.raises(ValueError, match="aflow_run: 'runs/fe_aflow_agl_e30' there, 'runs/fe_aflow_agl' now"):
         training.check_run_config(run, TrainConfig(init="fe+af", aflow_run="runs/fe_aflow_agl"))
+
 
 def test_make_results_builds_the_tables_from_run_folders(workdir, tmp_path):
     """scripts/make_results.py: our mean (std) beside the paper's, the CSVs copied, Fig. 6 drawn."""
