@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from megnet_pt.elements import ELEMENTS
 from megnet_pt.predict import resolve_device
 from paraisite.ensemble import SELECTIONS, StackedEform, load_ensemble
 from paraisite.report import paper_name
-from paraisite.screening import ScanError, run_scan, summarize, training_domain, write_summary
+from paraisite.screening import ScanError, record_run, run_scan, summarize, training_domain, write_summary
 
 DEFAULT_MODELS = "runs/fe+af_togo15"
 
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(+{len(cache.failures)} that could not be converted); {world} process(es) on {device}",
                   file=sys.stderr)
         start = time.perf_counter()
+        started_utc = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         report = run_scan(cache, ensemble, out, batch_size=batch_size, device=device, eform_model=eform, domain=domain,
                           rank=rank, world=world, progress=not args.no_progress, sync=sync)
     except (CheckpointError, CacheError, ScanError, ValueError, RuntimeError, FileNotFoundError) as exc:
@@ -157,8 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     done = report.predicted + report.failed
     rate = f", {done / seconds:.1f} structures/s per process" if done and seconds > 0 else ""
     title = f"{paper_name(info.init, info.dataset)} ({len(ensemble)} models, {info.selection}) on {cache.path.name}"
-    notes = [info.describe(), f"cache {cache.path} (cutoff {cache.cutoff:g} Å)", domain_note,
-             f"this run: {done} structures in {seconds:.1f} s by rank 0 of {world}{rate}; {report.skipped} already done"]
+    runs = record_run(out, {"started_utc": started_utc, "processes": world, "device": str(device), "structures": done,
+                            "seconds": f"{seconds:.2f}", "structures_per_s": f"{done / seconds:.1f}" if seconds > 0 else "",
+                            "already_done": report.skipped})
+    notes = [info.describe(), f"cache {cache.path} (cutoff {cache.cutoff:g} Å)", domain_note]
+    notes += [f"run of {r['started_utc']}: {r['structures']} structures in {float(r['seconds']):.1f} s by rank 0 of "
+              f"{r['processes']} on {r['device']}, {r['structures_per_s']} structures/s per process; "
+              f"{r['already_done']} already done" for r in runs]
+    if not done:
+        notes.append("this run: nothing left to predict (every row was already written)")
     summary = summarize(out, top=args.top, correlations=args.correlations)
     if args.correlations and not args.with_eform:
         notes.append("formation energy not correlated: add --with-eform")

@@ -30,7 +30,7 @@ from paraisite.datasets import NAMES, DatasetError, LTCDataset, load_dataset
 from paraisite.ensemble_training import train_splits_together
 from paraisite.report import plot_curves, plot_parity, summary_markdown, paper_name
 from paraisite.training import (
-    INITS, TrainConfig, aflow_checkpoint, check_aflow_checkpoint, check_run_config, evaluate_split, read_csv,
+    INITS, TrainConfig, aflow_checkpoint, aflow_stage_done, check_aflow_checkpoint, check_run_config, evaluate_split, read_csv,
     split_dir, train_split, write_csv,
 )
 
@@ -133,7 +133,7 @@ def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str],
     aflow_run = Path(config.aflow_run) if config.init in ("fe+af", "rw+af") else None
     stage = TrainConfig(init=config.init.split("+")[0], dataset="aflow_agl", epochs=config.epochs,
                         batch_size=config.batch_size, lr=config.lr, seed=config.seed, cutoff=config.cutoff)
-    needs_stage = aflow_run is not None and any(not aflow_checkpoint(aflow_run, k).is_file() for k in splits)
+    needs_stage = aflow_run is not None and any(not aflow_stage_done(aflow_run, k) for k in splits)
 
     def prepare() -> dict[str, LTCDataset]:
         check_run_config(run_dir, config)
@@ -148,11 +148,11 @@ def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str],
     if rank != 0:
         datasets = prepare()
     if aflow_run is not None:
-        missing = [k for k in mine if not aflow_checkpoint(aflow_run, k).is_file()]
+        missing = [k for k in mine if not aflow_stage_done(aflow_run, k)]  # never started or interrupted: trained or resumed below
         for k in sorted(set(mine) - set(missing)):
             check_aflow_checkpoint(aflow_checkpoint(aflow_run, k), config.init, k, config.cutoff)
         if missing:
-            print(f"AFLOW models of split(s) {missing} not in {aflow_run}: training them first ({stage.init}, aflow_agl)", file=sys.stderr)
+            print(f"AFLOW stage of split(s) {missing} not finished in {aflow_run}: training it first ({stage.init}, aflow_agl)", file=sys.stderr)
             if not run(stage, missing, aflow_run, [], device, deadline, progress, report=world == 1, ensemble=ensemble):
                 return False
     data = datasets[config.dataset]
@@ -187,9 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         aflow_run = args.aflow_run or f"runs/{args.init.split('+')[0]}_aflow_agl"
         config = TrainConfig(init=args.init, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                              lr=args.lr, seed=args.seed, aflow_run=aflow_run if "+af" in args.init else None)
-        if "+af" in args.init and args.aflow_run and not all(aflow_checkpoint(Path(aflow_run), k).is_file() for k in args.splits):
+        if "+af" in args.init and args.aflow_run and not all(aflow_stage_done(Path(aflow_run), k) for k in args.splits):
             gone = [k for k in args.splits if not aflow_checkpoint(Path(aflow_run), k).is_file()]
-            raise CheckpointError(f"--aflow-run {aflow_run}: no AFLOW model for split(s) {gone} (expected {aflow_checkpoint(Path(aflow_run), gone[0])})")
+            unfinished = [k for k in args.splits if k not in gone and not aflow_stage_done(Path(aflow_run), k)]
+            if gone:
+                raise CheckpointError(f"--aflow-run {aflow_run}: no AFLOW model for split(s) {gone} (expected {aflow_checkpoint(Path(aflow_run), gone[0])})")
+            raise CheckpointError(f"--aflow-run {aflow_run}: the AFLOW stage of split(s) {unfinished} is unfinished (best.pt but no "
+                                  f"final.pt); finish it first (python train.py --init {args.init.split('+')[0]} --dataset aflow_agl "
+                                  f"--run-dir {aflow_run} with its --epochs), or leave out --aflow-run to have it trained here")
         run_dir = Path(args.run_dir or f"runs/{args.init}_{Path(args.dataset).name}")
         deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
         done = run(config, args.splits, run_dir, tests, device, deadline, not args.no_progress, rank, world,

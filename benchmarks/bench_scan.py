@@ -84,11 +84,12 @@ def make_run(run: Path, n_models: int) -> Path:
     from paraisite.transform import TargetTransform
 
     for k in range(1, n_models + 1):
-        path = run / f"split{k}" / "best.pt"
-        if not path.is_file():
+        if not (run / f"split{k}" / "final.pt").is_file():
             torch.manual_seed(k)
-            save_model(ParAIsite(), TargetTransform(0.8, 0.5), path, init="rw", dataset="aflow_agl", split=k, epoch=0,
-                       selection="best")
+            model = ParAIsite()
+            for selection in ("best", "final"):  # final.pt marks a finished split
+                save_model(model, TargetTransform(0.8, 0.5), run / f"split{k}" / f"{selection}.pt", init="rw",
+                           dataset="aflow_agl", split=k, epoch=0, selection=selection)
     return run
 
 

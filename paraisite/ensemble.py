@@ -90,8 +90,10 @@ class RunInfo:
 def split_checkpoints(run_dir: str | Path, selection: str = "best") -> list[tuple[int, Path]]:
     """``(k, run_dir/split<k>/<selection>.pt)`` for every split folder of a run, by k.
 
-    A split folder without that checkpoint (a split still training) is an
-    error, so that an ensemble is never silently missing a member.
+    A split still training (no ``final.pt``, whatever the selection: ``best.pt``
+    is written at every improvement, long before the last epoch) or without
+    that checkpoint is an error, so that an ensemble never silently misses a
+    member or takes one that is half trained.
     """
     run_dir = Path(run_dir)
     if selection not in SELECTIONS:
@@ -106,6 +108,12 @@ def split_checkpoints(run_dir: str | Path, selection: str = "best") -> list[tupl
     )
     if not splits:
         raise CheckpointError(f"{run_dir}: no split<k>/ folders; is this a run folder written by train.py?")
+    training = [k for k, d in splits if not (d / "final.pt").is_file()]
+    if training:
+        raise CheckpointError(
+            f"{run_dir}: split(s) {','.join(map(str, training))} are not finished (no final.pt): still training? "
+            "re-run the train.py command to finish them"
+        )
     missing = [k for k, d in splits if not (d / f"{selection}.pt").is_file()]
     if missing:
         raise CheckpointError(

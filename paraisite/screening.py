@@ -43,6 +43,7 @@ import json
 import math
 import os
 import shutil
+import textwrap
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -374,6 +375,31 @@ class ScanReport:
     failed: int = 0
     skipped: int = 0  # already done by an earlier run
     seconds: float = 0.0
+
+
+RUN_LOG_FIELDS = ["started_utc", "processes", "device", "structures", "seconds", "structures_per_s", "already_done"]
+
+
+def record_run(out: str | Path, row: dict[str, Any]) -> list[dict[str, str]]:
+    """Log a run that predicted something in ``<base>.runs.csv`` and return the log.
+
+    A run that found nothing already done predicted the whole file, so it
+    starts the log anew; a resumed run adds its row. A re-run with nothing left
+    to do logs nothing, so the summary keeps the throughput of the runs that
+    did the work.
+    """
+    path = ScanPaths(Path(out)).sidecar(".runs.csv")
+    if int(row["structures"]) > 0:
+        fresh = int(row["already_done"]) == 0 or not path.is_file()
+        with open(path, "w" if fresh else "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=RUN_LOG_FIELDS)
+            if fresh:
+                writer.writeheader()
+            writer.writerow(row)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def predict_batch(
@@ -733,6 +759,11 @@ def _occupied(counts: np.ndarray, edges: np.ndarray, margin: int = 3) -> tuple[f
     return lo, hi
 
 
+def _wrapped(title: str, width: int = 64) -> str:
+    """A plot title on as many lines as it needs (a long cache name used to run off the figure)."""
+    return "\n".join(textwrap.wrap(title, width)) or title
+
+
 def plot_distribution(summary: Summary, path: Path, title: str) -> None:
     """Histogram of the mean prediction per material, and of every model's prediction."""
     import matplotlib
@@ -749,7 +780,7 @@ def plot_distribution(summary: Summary, path: Path, title: str) -> None:
     ax.set_xlim(*_occupied(summary.hist + summary.hist_models, HIST_EDGES))
     ax.set_xlabel("predicted LTC (W/m/K)")
     ax.set_ylabel("materials")
-    ax.set_title(title)
+    ax.set_title(_wrapped(title), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -776,7 +807,7 @@ def plot_spread(summary: Summary, path: Path, title: str) -> None:
     ax.set_ylim(*_occupied(summary.spread.sum(axis=0), SPREAD_EDGES))
     ax.set_xlabel("mean predicted LTC, mTC (W/m/K)")
     ax.set_ylabel("std / mean of the models' predictions")
-    ax.set_title(title)
+    ax.set_title(_wrapped(title), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

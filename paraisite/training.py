@@ -67,7 +67,17 @@ def split_dir(run_dir: Path, k: int) -> Path:
 # --- models -----------------------------------------------------------------------------------
 
 def aflow_checkpoint(aflow_run: Path, k: int) -> Path:
+    """The AFLOW-stage model a +af run of split ``k`` starts from: its best epoch (the paper's selection)."""
     return split_dir(aflow_run, k) / "best.pt"
+
+
+def aflow_stage_done(aflow_run: Path, k: int) -> bool:
+    """Whether the AFLOW stage of split ``k`` has finished (``final.pt`` written).
+
+    ``best.pt`` alone proves nothing: it is written whenever the validation
+    loss improves, so an interrupted stage has one long before its last epoch.
+    """
+    return (split_dir(aflow_run, k) / "final.pt").is_file() and aflow_checkpoint(aflow_run, k).is_file()
 
 
 def check_aflow_checkpoint(path: Path, init: str, k: int, cutoff: float) -> None:
@@ -90,6 +100,8 @@ def initial_model(config: TrainConfig, k: int) -> ParAIsite:
         return ParAIsite(load_pretrained(PRETRAINED))
     if config.init in ("fe+af", "rw+af"):
         path = aflow_checkpoint(Path(config.aflow_run), k)
+        if not aflow_stage_done(Path(config.aflow_run), k):
+            raise CheckpointError(f"{path.parent}: the AFLOW stage of split {k} is unfinished (no final.pt); finish it first")
         check_aflow_checkpoint(path, config.init, k, config.cutoff)
         return load_model(path)[0]
     raise ValueError(f"unknown init {config.init!r}: expected one of {', '.join(INITS)}")

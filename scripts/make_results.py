@@ -1,14 +1,22 @@
 """Build docs/results.md from finished run folders (and copy the CSVs it is built from).
 
-    python scripts/make_results.py [--runs runs] [--out docs/results.md] [--scan scan/aflow_ltc.csv]
+    python scripts/make_results.py [--runs docs/results runs] [--out docs/results.md] [--scan scan/aflow_ltc.csv]
                                    [--intro intro.md] [--outro outro.md]
 
-Reads ``<runs>/<init>_<dataset>/`` folders (results.csv, split*/curve.csv,
-config.json), writes the tables beside the paper's numbers, the validation
-curves of the three steps on one plot (the paper's Fig. 6), the wall time of
-each stage, and copies each run's results.csv and curves into docs/results/.
-``--scan`` adds a finished ``scan.py`` output: its summary (top table,
-correlations), plots and metadata are copied into docs/results/scan/.
+Reads the run folders in each ``--runs`` folder: ``<init>_<dataset>/`` as
+train.py writes it (results.csv, config.json, split*/curve.csv), or its copy
+in docs/results/ (curves in one curves.csv), so that runs of earlier sessions
+or machines, kept only as those copies, stay in the tables. A run folder's
+name met again in a later ``--runs`` folder is merged with the earlier one
+split by split (the later wins), so that splits trained on different machines
+add up to one run; with other settings it replaces the earlier one.
+Writes the tables beside the paper's numbers, the validation curves of the
+three steps on one plot (the paper's Fig. 6), the wall time of each stage,
+split-by-split tables wherever two runs of one model share splits (e.g. after
+a 30- and a 300-epoch AFLOW stage), and copies each run's results.csv and
+curves into docs/results/. ``--scan`` adds a finished ``scan.py`` output: its
+summary (top table, correlations), plots and metadata are copied into
+docs/results/scan/.
 """
 from __future__ import annotations
 
@@ -33,13 +41,43 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def load_run(folder: Path) -> dict | None:
-    if not (folder / "results.csv").is_file():
+    """A finished run folder, or its copy made by this script; None for anything else."""
+    if not (folder / "results.csv").is_file() or not (folder / "config.json").is_file():
         return None
     config = json.loads((folder / "config.json").read_text())
-    curves = {int(d.name[5:]): read_csv(d / "curve.csv") for d in sorted(folder.glob("split*")) if (d / "curve.csv").is_file()}
+    if (folder / "curves.csv").is_file():  # the copy: one file, a split column
+        curves: dict[int, list[dict[str, str]]] = {}
+        for row in read_csv(folder / "curves.csv"):
+            curves.setdefault(int(row.pop("split")), []).append(row)
+    else:
+        curves = {int(d.name[5:]): read_csv(d / "curve.csv") for d in sorted(folder.glob("split*")) if (d / "curve.csv").is_file()}
     return {"folder": folder, "config": config, "results": read_csv(folder / "results.csv"), "curves": curves,
             "name": paper_name(config["init"], config["dataset"])}
+
+
+def merge_runs(earlier: dict, later: dict) -> dict:
+    """One run from two folders of the same name: split by split, the later wins.
+
+    Splits trained on different machines (runs/ does not outlive one) add up
+    to one run when their settings agree; otherwise the later run replaces
+    the earlier whole.
+    """
+    if earlier["config"] != later["config"]:
+        print(f"{later['folder']} replaces {earlier['folder']}: other settings", file=sys.stderr)
+        return later
+    mine = {int(r["split"]) for r in later["results"]}
+    results = [r for r in earlier["results"] if int(r["split"]) not in mine] + later["results"]
+    results.sort(key=lambda r: int(r["split"]))  # stable: each split keeps its own row order
+    curves = {k: c for k, c in earlier["curves"].items() if k not in mine} | later["curves"]
+    return {**later, "results": results, "curves": dict(sorted(curves.items()))}
 
 
 def fmt(v: tuple[float, float, int] | None, digits: int) -> str:
@@ -85,7 +123,7 @@ def plot_steps(runs: list[dict], path: Path) -> None:
         epochs = np.arange(1, n + 1)
         # median and quartiles: one diverging split would otherwise hide the other eight on a log axis
         q1, median, q3 = np.quantile(v, [0.25, 0.5, 0.75], axis=0)
-        ax.plot(epochs, median, label=f"{run['name']} ({len(curves)} splits)")
+        ax.plot(epochs, median, label=f"{run['name']} ({run['folder'].name}, {len(curves)} splits)")
         ax.fill_between(epochs, q1, q3, alpha=0.15)
     ax.set(xlabel="epoch", ylabel="validation MAPE (median, quartiles)", yscale="log",
            title="Togo15: validation loss of the three steps")
@@ -93,6 +131,47 @@ def plot_steps(runs: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def own_mape(run: dict) -> dict[tuple[int, str], float]:
+    """Validation MAPE on the run's own dataset, by (split, selection)."""
+    own = Path(run["config"]["dataset"]).name
+    return {(int(r["split"]), r["selection"]): float(r["mape"]) for r in run["results"] if r["test_dataset"] == own}
+
+
+def describe(run: dict) -> str:
+    cfg = run["config"]
+    after = f" after `{Path(cfg['aflow_run']).name}`" if cfg.get("aflow_run") else ""
+    return f"`{run['folder'].name}` ({cfg['epochs']} epochs{after})"
+
+
+def same_splits_tables(runs: list[dict]) -> list[str]:
+    """For each model with several runs: their validation MAPE split by split, on the splits they share."""
+    by_name: dict[str, list[dict]] = {}
+    for run in runs:
+        by_name.setdefault(run["name"], []).append(run)
+    lines = []
+    for name, group in by_name.items():
+        if len(group) < 2:
+            continue
+        mapes = [own_mape(r) for r in group]
+        common = sorted(set.intersection(*({k for k, _ in m} for m in mapes)))
+        if not common:
+            continue
+        dataset = COLUMN_NAMES.get(group[0]["config"]["dataset"], group[0]["config"]["dataset"])
+        lines += [f"### {name}, the same splits: " + " vs ".join(describe(r) for r in group), "",
+                  f"Validation MAPE on {dataset}, split by split (splits {', '.join(map(str, common))}).", ""]
+        heads = [f"{r['folder'].name} {sel}" for sel in ("best", "final") for r in group]
+        lines += ["| split | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+        for k in common:
+            lines.append(f"| {k} | " + " | ".join(f"{m[(k, sel)]:.2f}" for sel in ("best", "final") for m in mapes) + " |")
+        cells = []
+        for sel in ("best", "final"):
+            for m in mapes:
+                v = np.array([m[(k, sel)] for k in common])
+                cells.append(f"{v.mean():.2f} ({v.std():.2f})")
+        lines += ["| mean (std) | " + " | ".join(cells) + " |", ""]
+    return lines
 
 
 def wall_time(run: dict) -> str:
@@ -110,7 +189,8 @@ def scan_section(csv_path: Path, dest: Path) -> list[str]:
         sys.exit(f"--scan {csv_path}: not a finished scan ({', '.join(missing)} missing)")
     dest.mkdir(parents=True, exist_ok=True)
     for f in files.values():
-        shutil.copy(f, dest / f.name)
+        if (dest / f.name).resolve() != f.resolve():  # --scan may name the copy in docs/results/scan itself
+            shutil.copy(f, dest / f.name)
     summary = files[".summary.md"].read_text().rstrip().splitlines()
     rel = dest.relative_to(dest.parent.parent)
     # one heading level below ours; the summary's images sit beside it, now in ``rel``
@@ -121,7 +201,9 @@ def scan_section(csv_path: Path, dest: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default="runs", help="folder holding the run folders")
+    parser.add_argument("--runs", nargs="+", default=["runs"], help="folders holding run folders (train.py's runs/, or "
+                        "docs/results/ with the copies of earlier runs); a run met again in a later folder is merged with the earlier one, "
+                        "split by split, the later winning (replaced whole if its settings differ)")
     parser.add_argument("--out", default="docs/results.md")
     parser.add_argument("--intro", default=None, help="markdown file whose text opens results.md (setup, differences)")
     parser.add_argument("--outro", default=None, help="markdown file whose text closes results.md (screening, what remains)")
@@ -131,9 +213,15 @@ def main() -> None:
     out = Path(args.out)
     data_dir = out.parent / "results"
     data_dir.mkdir(parents=True, exist_ok=True)
-    runs = [r for r in (load_run(f) for f in sorted(Path(args.runs).iterdir()) if f.is_dir()) if r]
+    found: dict[str, dict] = {}
+    for parent in map(Path, args.runs):
+        for folder in sorted(parent.iterdir()) if parent.is_dir() else []:
+            run = load_run(folder) if folder.is_dir() else None
+            if run:
+                found[folder.name] = merge_runs(found[folder.name], run) if folder.name in found else run
+    runs = list(found.values())
     order = ["FEAF", "RWAF", "RWTG15", "FETG15", "FEAFTG15", "RWAFTG15"]
-    runs.sort(key=lambda r: (order.index(r["name"]) if r["name"] in order else 99, r["name"]))
+    runs.sort(key=lambda r: (order.index(r["name"]) if r["name"] in order else 99, r["name"], r["folder"].name))
     lines = [Path(args.intro).read_text().rstrip() + "\n"] if args.intro else ["# Results\n"]
     lines += ["## Tables (validation, mean (std) over splits)", ""]
     for run in runs:
@@ -142,15 +230,13 @@ def main() -> None:
         lines += [f"### {run['name']}: `--init {cfg['init']} --dataset {cfg['dataset']}`, "
                   f"{cfg['epochs']} epochs, {n_splits} splits (`{run['folder'].name}`)", ""]
         lines += run_table(run) + ["", f"Wall time: {wall_time(run)}.", ""]
+        # written from memory, not copied: a merged run exists nowhere else, and the copy may be the source itself
         dest = data_dir / run["folder"].name
         dest.mkdir(exist_ok=True)
-        shutil.copy(run["folder"] / "results.csv", dest / "results.csv")
-        shutil.copy(run["folder"] / "config.json", dest / "config.json")
-        with open(dest / "curves.csv", "w", newline="") as f:
-            rows = [{"split": k, **r} for k, c in run["curves"].items() for r in c]
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(dest / "results.csv", run["results"])
+        (dest / "config.json").write_text(json.dumps(run["config"], indent=2) + "\n")
+        write_csv(dest / "curves.csv", [{"split": k, **r} for k, c in run["curves"].items() for r in c])
+    lines += same_splits_tables(runs)
     steps = [r for r in runs if r["name"] in ("RWTG15", "FETG15", "FEAFTG15")]
     if steps:
         plot_steps(steps, data_dir / "fig6_validation_curves.png")

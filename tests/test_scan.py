@@ -50,8 +50,9 @@ def make_run(run: Path, seed: int = 0) -> Path:
         with torch.no_grad():
             for p in model.head.parameters():
                 p.mul_(3.0)
-        save_model(model, TargetTransform(0.8 + 0.05 * k, 0.5), run / f"split{k}" / "best.pt",
-                   init="rw", dataset="togo15", split=k, epoch=1, selection="best")
+        for selection in ("best", "final"):
+            save_model(model, TargetTransform(0.8 + 0.05 * k, 0.5), run / f"split{k}" / f"{selection}.pt",
+                       init="rw", dataset="togo15", split=k, epoch=1, selection=selection)
     return run
 
 
@@ -203,10 +204,16 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(baseline, run_di
     rows, base = read(out), read(baseline)
     assert [r["id"] for r in rows] == [r["id"] for r in base]
     np.testing.assert_allclose(values(rows), values(base), rtol=2e-5, equal_nan=True)
-    # A finished scan is not redone: a re-run only rewrites the summary.
+    # The run log holds the run that finished the scan: it found the complete rows and predicted the rest.
+    log = read(out.with_name("ltc.runs.csv"))
+    assert [(int(r["already_done"]), int(r["structures"])) for r in log] == [(len(written), len(rows) - len(written))]
+    # A finished scan is not redone: a re-run only rewrites the summary, which keeps the earlier runs' throughput.
     monkeypatch.setattr(screening, "predict_batch", lambda *a, **k: pytest.fail("predicted again"))
     assert run_scan_cli(cache_path, "--models", run_dir, "--out", out) == 0
     assert read(out) == rows
+    assert read(out.with_name("ltc.runs.csv")) == log
+    md = out.with_name("ltc.summary.md").read_text()
+    assert md.count("- run of ") == 1 and "nothing left to predict" in md and " 0 structures in" not in md
 
 
 def test_resume_with_other_models_is_refused(baseline, cache_path, workdir, capsys):
@@ -215,6 +222,14 @@ def test_resume_with_other_models_is_refused(baseline, cache_path, workdir, caps
     assert "other models" in capsys.readouterr().err
     assert run_scan_cli(cache_path, "--models", workdir / "runs" / "missing", "--out", workdir / "x.csv") == 2
     assert "no such run folder" in capsys.readouterr().err
+
+
+def test_run_still_training_is_refused(cache_path, workdir, capsys):
+    run = make_run(workdir / "runs" / "half")
+    (run / "split4" / "final.pt").unlink()  # split 4 still training: its best.pt is only the best epoch so far
+    assert run_scan_cli(cache_path, "--models", run, "--out", workdir / "half.csv") == 2
+    assert "split(s) 4 are not finished (no final.pt)" in capsys.readouterr().err
+    assert not (workdir / "half.csv").exists()
 
 
 def test_models_failing_on_a_structure_cost_only_its_row(run_dir, cache_path, workdir, monkeypatch):

@@ -85,6 +85,17 @@ def test_run_folder_of_other_aflow_models_is_refused(tmp_path):
         training.check_run_config(run, TrainConfig(init="fe+af", aflow_run="runs/fe_aflow_agl"))
 
 
+def write_scaled_results(source: Path, dest: Path, factor: float, splits: set[str] | None = None) -> None:
+    """``source``'s results.csv rows (of ``splits`` only, when given) with their MAPE multiplied by ``factor``."""
+    rows = [r for r in csv.DictReader(open(source)) if splits is None or r["split"] in splits]
+    for r in rows:
+        r["mape"] = str(float(r["mape"]) * factor)
+    with open(dest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def test_make_results_builds_the_tables_from_run_folders(workdir, tmp_path):
     """scripts/make_results.py: our mean (std) beside the paper's, the CSVs copied, Fig. 6 drawn."""
     import shutil
@@ -106,6 +117,42 @@ def test_make_results_builds_the_tables_from_run_folders(workdir, tmp_path):
     curves = list(csv.DictReader(open(copied / "curves.csv")))
     assert sorted({(r["split"], r["epoch"]) for r in curves}) == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
     assert (tmp_path / "docs" / "results" / "fig6_validation_curves.png").stat().st_size > 1000
+
+    # The copies alone rebuild the same page (runs of earlier machines survive only as copies), and a
+    # second run of the same model, from a later --runs folder, gets a split-by-split table beside the first.
+    other = tmp_path / "later" / "rw_togo15_again"
+    shutil.copytree(run, other)
+    write_scaled_results(run / "results.csv", other / "results.csv", factor=2)
+    again = tmp_path / "again" / "results.md"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_results.py"), "--runs", str(tmp_path / "docs" / "results"),
+                    "--out", str(again)], check=True, capture_output=True)
+    assert again.read_text() == text
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_results.py"), "--runs", str(tmp_path / "docs" / "results"),
+                    str(tmp_path / "later"), "--out", str(again)], check=True, capture_output=True)
+    both = again.read_text()
+    assert "### RWTG15, the same splits: `rw_togo15` (2 epochs) vs `rw_togo15_again` (2 epochs)" in both
+    first = {(r["split"], r["selection"]): float(r["mape"]) for r in csv.DictReader(open(run / "results.csv"))
+             if r["test_dataset"] == "togo15"}
+    for k in ("1", "2"):
+        cells = [first[(k, "best")], 2 * first[(k, "best")], first[(k, "final")], 2 * first[(k, "final")]]
+        assert f"| {k} | " + " | ".join(f"{v:.2f}" for v in cells) + " |" in both
+
+    # Splits of one run trained on another machine (here split 2 again, tripled) merge with the copies, split by split.
+    more = tmp_path / "more" / "rw_togo15"
+    more.mkdir(parents=True)
+    shutil.copy(run / "config.json", more / "config.json")
+    shutil.copytree(run / "split2", more / "split2")
+    write_scaled_results(run / "results.csv", more / "results.csv", factor=3, splits={"2"})
+    merged = tmp_path / "merged" / "results.md"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_results.py"), "--runs", str(tmp_path / "docs" / "results"),
+                    str(tmp_path / "more"), "--out", str(merged)], check=True, capture_output=True)
+    mape = np.array([first[("1", "final")], 3 * first[("2", "final")]])
+    assert f"| RWTG15 | MAPE | final | {mape.mean():.2f} ({mape.std():.2f}) |" in merged.read_text()
+    copied = list(csv.DictReader(open(merged.parent / "results" / "rw_togo15" / "results.csv")))
+    assert sorted({r["split"] for r in copied}) == ["1", "2"]
+    assert {(r["split"], r["selection"], float(r["mape"])) for r in copied if r["test_dataset"] == "togo15"} == {
+        ("1", "best", first[("1", "best")]), ("1", "final", first[("1", "final")]),
+        ("2", "best", 3 * first[("2", "best")]), ("2", "final", 3 * first[("2", "final")])}
 
 
 def test_scaler_is_fitted_on_training_part_only(workdir):
@@ -161,10 +208,13 @@ def test_fe_starts_from_the_published_weights(workdir, shared):
 
 
 def fake_aflow_run(root: Path, init: str = "fe", splits=(1, 2), wrong_split: dict | None = None) -> Path:
+    """A finished AFLOW stage: best.pt (what +af starts from) and final.pt (the mark that the stage ended)."""
     for k in splits:
         torch.manual_seed(100 + k)
-        meta = dict(init=init, dataset="aflow_agl", split=(wrong_split or {}).get(k, k), epoch=1, selection="best")
-        save_model(ParAIsite(), TargetTransform(0.5, 0.3), root / f"split{k}" / "best.pt", **meta)
+        model = ParAIsite()
+        for selection in ("best", "final"):
+            meta = dict(init=init, dataset="aflow_agl", split=(wrong_split or {}).get(k, k), epoch=1, selection=selection)
+            save_model(model, TargetTransform(0.5, 0.3), root / f"split{k}" / f"{selection}.pt", **meta)
     return root
 
 
@@ -199,6 +249,29 @@ def test_mismatched_or_missing_aflow_checkpoints_fail_before_training(workdir, c
     (aflow / "split1" / "best.pt").write_bytes(b"corrupt")
     with pytest.raises(CheckpointError, match="corrupt"):
         training.check_aflow_checkpoint(aflow / "split1" / "best.pt", "fe+af", 1, 4.0)
+
+
+def test_interrupted_aflow_stage_is_finished_before_it_is_used(workdir, capsys):
+    """best.pt is written at every improvement, so a stage stopped halfway has one: it must not pass for finished."""
+    assert run_train("--init", "fe", "--dataset", "aflow_agl", "--epochs", "2", "--splits", "1",
+                     "--run-dir", "runs/fe_aflow_agl", "--time-limit", "1e-6") == 0  # stops after epoch 1
+    stage = workdir / "runs" / "fe_aflow_agl" / "split1"
+    assert (stage / "best.pt").is_file() and (stage / "state.pt").is_file() and not (stage / "final.pt").is_file()
+    config = TrainConfig(init="fe+af", dataset="togo15", epochs=2, aflow_run="runs/fe_aflow_agl")
+    with pytest.raises(CheckpointError, match="unfinished"):
+        initial_model(config, 1)
+    rc = run_train("--init", "fe+af", "--dataset", "togo15", "--epochs", "2", "--splits", "1",
+                   "--aflow-run", "runs/fe_aflow_agl", "--run-dir", "runs/never4")
+    assert rc == 2 and "stage of split(s) [1] is unfinished" in capsys.readouterr().err
+    assert not (workdir / "runs" / "never4" / "split1").exists()
+    # Without --aflow-run the stage is resumed to its last epoch, then the Togo15 run starts from its best model.
+    assert run_train("--init", "fe+af", "--dataset", "togo15", "--epochs", "2", "--splits", "1") == 0
+    assert [int(r["epoch"]) for r in csv.DictReader(open(stage / "curve.csv"))] == [1, 2]
+    assert (stage / "final.pt").is_file() and not (stage / "state.pt").exists()
+    assert (workdir / "runs" / "fe+af_togo15" / "split1" / "final.pt").is_file()
+    started = initial_model(config, 1).state_dict()
+    for key, value in weights(stage / "best.pt").items():
+        assert torch.equal(started[key], value), key
 
 
 @pytest.mark.parametrize("args, message", [
