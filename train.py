@@ -26,7 +26,8 @@ import torch
 
 from megnet_pt.checkpoint import CheckpointError
 from megnet_pt.predict import resolve_device
-from paraisite.datasets import NAMES, DatasetError, LTCDataset, load_dataset
+from paraisite.datasets import NAMES, DatasetError, LTCDataset, dataset_folder, load_dataset, read_labels
+from paraisite.paper_scale import PaperScale
 from paraisite.ensemble_training import train_splits_together
 from paraisite.report import plot_curves, plot_parity, summary_markdown, paper_name
 from paraisite.training import (
@@ -156,6 +157,11 @@ def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str],
             if not run(stage, missing, aflow_run, [], device, deadline, progress, report=world == 1, ensemble=ensemble):
                 return False
     data = datasets[config.dataset]
+    aflow_ltc = None
+    if aflow_run is not None:  # the module of a +af model carries AFLOW's scaler upstream (paraisite/paper_scale.py)
+        aflow_ltc = datasets["aflow_agl"].ltc if "aflow_agl" in datasets else torch.from_numpy(
+            read_labels(dataset_folder("aflow_agl") / "labels.csv")[2])
+    paper_scale = PaperScale.for_run(config.init, data, aflow_ltc)
     # the ensemble writes every split's final.pt; train_split below then only finds them done
     if ensemble and not train_splits_together(data, mine, config, run_dir, device, deadline, progress):
         return False
@@ -166,7 +172,7 @@ def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str],
             if not train_split(data, k, config, run_dir, device, deadline, progress):
                 finished = False
                 break
-            rows, preds = evaluate_split(k, run_dir, datasets, device)
+            rows, preds = evaluate_split(k, run_dir, datasets, device, paper_scale)
             write_csv(d / "predictions.csv", preds)
             write_csv(d / "results.csv", rows)
     if world == 1 and all((split_dir(run_dir, k) / "results.csv").is_file() for k in splits):

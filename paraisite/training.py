@@ -35,6 +35,7 @@ from .checkpoint import atomic_save, load_model, read_model_checkpoint, save_mod
 from .datasets import LTCDataset
 from .metrics import mape_loss, regression_metrics
 from .model import ParAIsite
+from .paper_scale import PaperScale
 from .transform import TargetTransform
 
 INITS = ("rw", "fe", "fe+af", "rw+af")
@@ -206,11 +207,13 @@ def train_split(
 
 
 def evaluate_split(
-    k: int, run_dir: Path, datasets: dict[str, LTCDataset], device: torch.device
+    k: int, run_dir: Path, datasets: dict[str, LTCDataset], device: torch.device, paper_scale: PaperScale | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Score the best and final models of split ``k`` on each dataset's validation part of seed ``k``.
 
-    Returns metric rows and per-structure prediction rows.
+    Returns metric rows and per-structure prediction rows. With ``paper_scale``
+    the rows also hold ``mape_paper_scale``, the MAPE as upstream computed it
+    (:mod:`paraisite.paper_scale`); empty without.
     """
     rows, preds = [], []
     for selection in ("best", "final"):
@@ -222,7 +225,8 @@ def evaluate_split(
             y_true = data.ltc[val_idx]
             y_pred = predict(model, graphs, transform, device)
             rows.append({"split": k, "selection": selection, "test_dataset": name, "epoch": meta["epoch"],
-                         "n": len(val_idx), **regression_metrics(y_true.numpy(), y_pred.numpy())})
+                         "n": len(val_idx), **regression_metrics(y_true.numpy(), y_pred.numpy()),
+                         "mape_paper_scale": paper_scale.mape(data, val_idx, y_pred) if paper_scale else ""})
             preds += [{"split": k, "selection": selection, "test_dataset": name, "id": data.ids[i],
                        "formula": data.formulas[i], "ltc": float(t), "predicted": float(p)}
                       for i, t, p in zip(val_idx, y_true, y_pred)]
@@ -230,12 +234,12 @@ def evaluate_split(
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows atomically (temporary name, then rename)."""
+    """Write rows atomically (temporary name, then rename); a column some rows lack is left empty there."""
     if not rows:
         return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)

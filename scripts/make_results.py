@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paraisite.report import COLUMN_NAMES, aggregate, paper_name, paper_value  # noqa: E402
+from paraisite.report import COLUMN_NAMES, METRIC_TITLES, aggregate, paper_name, paper_value  # noqa: E402
 
-METRIC_DIGITS = {"mape": 2, "r2": 2, "mae": 2, "rmse": 2}
+METRIC_DIGITS = {"mape": 2, "mape_paper_scale": 2, "r2": 2, "mae": 2, "rmse": 2}
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -42,8 +42,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    with open(path, "w", newline="") as f:  # merged runs may mix rows with and without a column
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -96,14 +96,16 @@ def run_table(run: dict) -> list[str]:
     tests = [t for t in COLUMN_NAMES if any(r["test_dataset"] == t for r in run["results"])]
     cfg = run["config"]
     lines = []
-    for metric in ("mape", "r2", "mae", "rmse"):
+    for metric in ("mape", "mape_paper_scale", "r2", "mae", "rmse"):
+        if not any(key[2] == metric for key in stats):  # runs evaluated before paper_scale.py have no such column
+            continue
+        title = METRIC_TITLES[metric]
         for selection in ("best", "final"):
             cells = [fmt(stats.get((selection, t, metric)), METRIC_DIGITS[metric]) for t in tests]
-            lines.append(f"| {run['name']} | {metric.upper() if metric != 'r2' else 'R²'} | {selection} | " + " | ".join(cells) + " |")
-        paper = [paper_value(cfg["init"], cfg["dataset"], t, metric) for t in tests]
+            lines.append(f"| {run['name']} | {title} | {selection} | " + " | ".join(cells) + " |")
+        paper = [paper_value(cfg["init"], cfg["dataset"], t, "mape" if metric == "mape_paper_scale" else metric) for t in tests]
         if any(paper):
-            lines.append(f"| {run['name']} | {metric.upper() if metric != 'r2' else 'R²'} | paper | "
-                         + " | ".join(paper_fmt(p, metric) for p in paper) + " |")
+            lines.append(f"| {run['name']} | {title} | paper | " + " | ".join(paper_fmt(p, metric) for p in paper) + " |")
     header = ["| model | metric | selection | " + " | ".join(COLUMN_NAMES[t] for t in tests) + " |",
               "|---|---|---|" + "---|" * len(tests)]
     return header + lines

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from paraisite.datasets import LTCDataset
 from paraisite.metrics import mape_loss, regression_metrics
+from paraisite.paper_scale import PaperScale
 from paraisite.report import PAPER_MAPE, paper_name, paper_value
 from paraisite.splits import nine_splits, split_indices, split_parts
 from paraisite.transform import MAX_LOG10, TargetTransform
@@ -75,3 +77,45 @@ def test_mix_is_split_per_source():
 def test_paper_names_and_their_numbers(init, dataset, name):
     assert paper_name(init, dataset) == name
     assert paper_value(init, dataset, "togo15", "mape") == PAPER_MAPE[name]["togo15"]
+
+
+def _labels_only(name: str, *parts: np.ndarray) -> LTCDataset:
+    """A dataset of labels alone (the paper's scale needs no graph), one part per source."""
+    ltc = np.concatenate(parts)
+    names = [name] if len(parts) == 1 else [f"{name}{i}" for i in range(len(parts))]
+    return LTCDataset(name, [str(i) for i in range(len(ltc))], [""] * len(ltc), torch.tensor(ltc, dtype=torch.float32),
+                      [None] * len(ltc), [(n, len(p)) for n, p in zip(names, parts)])
+
+
+def _upstream(y: np.ndarray, source: np.ndarray, module: np.ndarray) -> np.ndarray:
+    """g: standardise with the whole of ``source`` (log10(y+1), population std), turn back with ``module``'s."""
+    s, m = np.log10(source.astype(np.float32) + 1), np.log10(module.astype(np.float32) + 1)
+    return 10 ** ((np.log10(y + 1) - s.mean()) / s.std() * m.std() + m.mean()) - 1
+
+
+def test_paper_scale_is_the_plain_mape_on_the_training_set_and_upstreams_mapping_elsewhere():
+    rng = np.random.default_rng(0)
+    togo, aflow, hh = rng.lognormal(3, 1.7, 40), rng.lognormal(1.2, 0.8, 300), rng.lognormal(2, 0.5, 50)
+    train, idx = _labels_only("togo15", togo), np.arange(30, 40)
+    pred = torch.tensor(togo[idx] * rng.uniform(0.5, 1.8, 10), dtype=torch.float32)
+    true = train.ltc[idx].double().numpy()
+    # steps 1 and 2 on their own training set: no mapping at all
+    rw = PaperScale.for_run("rw", train)
+    assert rw.mape(train, idx, pred) == pytest.approx(float(mape_loss(pred.double(), torch.from_numpy(true))), rel=1e-6)
+    # +af on its own training set: labels and predictions both through g_{TG->AF}
+    af = PaperScale.for_run("fe+af", train, torch.tensor(aflow, dtype=torch.float32))
+    g = lambda y: _upstream(y, togo, aflow)  # noqa: E731
+    expected = np.mean(np.abs(g(true) - g(pred.double().numpy())) / g(true))
+    assert af.mape(train, idx, pred) == pytest.approx(expected, rel=1e-5)
+    assert af.mape(train, idx, pred) < rw.mape(train, idx, pred)  # AFLOW's narrower spread shrinks relative errors
+    # another test set of two sources: each source's labels through its own scaler, predictions through L's
+    mix = _labels_only("mix", togo, hh)
+    both = np.array([3, 7, 40 + 2, 40 + 9])
+    guess = torch.tensor([5.0, 80.0, 3.0, 12.0])
+    labels = np.concatenate([_upstream(togo[[3, 7]], togo, togo), _upstream(hh[[2, 9]], hh, togo)])
+    expected = np.mean(np.abs(labels - _upstream(guess.double().numpy(), togo, togo)) / labels)
+    assert rw.mape(mix, both, guess) == pytest.approx(expected, rel=1e-5)
+    # a model trained on MIX has no single upstream scaler
+    assert PaperScale.for_run("rw", mix) is None
+    with pytest.raises(ValueError, match="AFLOW labels"):
+        PaperScale.for_run("fe+af", train)

@@ -58,6 +58,10 @@ def test_small_run_writes_everything(workdir):
     rows = list(csv.DictReader(open(run / "results.csv")))
     assert {(int(r["split"]), r["selection"], r["test_dataset"]) for r in rows} == {
         (k, s, d) for k in (1, 2) for s in ("best", "final") for d in ("togo15", "miyazaki21")}
+    # on the paper's scale (paraisite/paper_scale.py): the training set is not rescaled, another test set is
+    for r in rows:
+        same = float(r["mape_paper_scale"]) == pytest.approx(float(r["mape"]), rel=1e-5)
+        assert same == (r["test_dataset"] == "togo15"), r
     assert all(int(r["n"]) == 19 for r in rows if r["test_dataset"] == "togo15")
     assert all(int(r["n"]) == 29 for r in rows if r["test_dataset"] == "miyazaki21")
     summary = (run / "summary.md").read_text()
@@ -269,6 +273,9 @@ def test_interrupted_aflow_stage_is_finished_before_it_is_used(workdir, capsys):
     assert [int(r["epoch"]) for r in csv.DictReader(open(stage / "curve.csv"))] == [1, 2]
     assert (stage / "final.pt").is_file() and not (stage / "state.pt").exists()
     assert (workdir / "runs" / "fe+af_togo15" / "split1" / "final.pt").is_file()
+    rows = list(csv.DictReader(open(workdir / "runs" / "fe+af_togo15" / "split1" / "results.csv")))
+    # a +af model's module carries AFLOW's scaler upstream, so even its own training set is rescaled
+    assert all(r["mape_paper_scale"] and float(r["mape_paper_scale"]) != pytest.approx(float(r["mape"])) for r in rows)
     started = initial_model(config, 1).state_dict()
     for key, value in weights(stage / "best.pt").items():
         assert torch.equal(started[key], value), key
