@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "+af after the AFLOW stage of the same split)")
     p.add_argument("--dataset", default="togo15", help=f"training set: {', '.join(NAMES)}, or a folder with labels.csv and cif/")
     p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--splits", type=parse_splits, default=parse_splits("9"), help="how many splits (9 = splits 1..9) or a list (1,4,7)")
+    p.add_argument("--splits", type=parse_splits, default=parse_splits("9"),
+                   help="how many splits (9 = splits 1..9, 2 = splits 1 and 2) or a list (1,4,7; 4, = split 4 alone)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine annealing, T_max 1000 epochs, eta_min 1e-5)")
     p.add_argument("--seed", type=int, default=42, help="seeds model initialisation and shuffling (splits use seed k)")
@@ -203,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                                   f"--run-dir {aflow_run} with its --epochs), or leave out --aflow-run to have it trained here")
         run_dir = Path(args.run_dir or f"runs/{args.init}_{Path(args.dataset).name}")
         deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
+        if rank == 0:
+            print(f"{paper_name(args.init, Path(args.dataset).name)}: split(s) {','.join(map(str, args.splits))} "
+                  f"of {args.dataset} into {run_dir}", file=sys.stderr)
         done = run(config, args.splits, run_dir, tests, device, deadline, not args.no_progress, rank, world,
                    ensemble=args.ensemble)
         barrier(world)
