@@ -29,10 +29,10 @@ from megnet_pt.predict import resolve_device
 from paraisite.datasets import NAMES, DatasetError, LTCDataset, dataset_folder, load_dataset, read_labels
 from paraisite.paper_scale import PaperScale
 from paraisite.ensemble_training import train_splits_together
-from paraisite.report import plot_curves, plot_parity, summary_markdown, paper_name
+from paraisite.report import paper_name, plot_curves, plot_parity, read_csv, summary_markdown, write_csv
 from paraisite.training import (
-    INITS, TrainConfig, aflow_checkpoint, aflow_stage_done, check_aflow_checkpoint, check_run_config, evaluate_split, read_csv,
-    split_dir, train_split, write_csv,
+    INITS, TrainConfig, aflow_checkpoint, aflow_stage_done, check_aflow_checkpoint, check_run_config, evaluate_split,
+    split_dir, train_split,
 )
 
 
@@ -158,10 +158,9 @@ def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str],
             if not run(stage, missing, aflow_run, [], device, deadline, progress, report=world == 1, ensemble=ensemble):
                 return False
     data = datasets[config.dataset]
-    aflow_ltc = None
-    if aflow_run is not None:  # the module of a +af model carries AFLOW's scaler upstream (paraisite/paper_scale.py)
-        aflow_ltc = datasets["aflow_agl"].ltc if "aflow_agl" in datasets else torch.from_numpy(
-            read_labels(dataset_folder("aflow_agl") / "labels.csv")[2])
+    # the module of a +af model carries AFLOW's scaler upstream (paraisite/paper_scale.py); float32, as LTCDataset.ltc
+    aflow_ltc = (torch.tensor(read_labels(dataset_folder("aflow_agl") / "labels.csv")[2], dtype=torch.float32)
+                 if aflow_run is not None else None)
     paper_scale = PaperScale.for_run(config.init, data, aflow_ltc)
     # the ensemble writes every split's final.pt; train_split below then only finds them done
     if ensemble and not train_splits_together(data, mine, config, run_dir, device, deadline, progress):

@@ -84,7 +84,8 @@ from .checkpoint import atomic_save, save_model
 from .datasets import LTCDataset
 from .metrics import mape_loss
 from .model import ParAIsite
-from .training import ETA_MIN, T_MAX, TrainConfig, _epoch_generator, initial_model, predict, split_dir, write_csv
+from .report import write_csv
+from .training import ETA_MIN, T_MAX, TrainConfig, _epoch_generator, initial_model, predict, split_dir
 from .transform import MAX_LOG10, TargetTransform
 
 VAL_CHUNK = 256  # graphs per split per validation call, as training.predict

@@ -1,6 +1,8 @@
 """Run reports: results.csv, summary.md beside the paper's numbers, and PNG plots."""
 from __future__ import annotations
 
+import csv
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,23 @@ PAPER_TOGO15_OTHER = {
 }
 
 
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows atomically (temporary name, then rename); a column some rows lack is left empty there."""
+    if not rows:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def paper_name(init: str, dataset: str) -> str:
     """The paper's model name, e.g. ('fe+af', 'togo15') -> 'FEAFTG15'."""
     return _INIT_PREFIX.get(init, init.upper()) + _DATASET_SUFFIX.get(dataset, dataset.upper())
@@ -43,7 +62,7 @@ def paper_name(init: str, dataset: str) -> str:
 
 def paper_value(init: str, dataset: str, test_dataset: str, metric: str) -> tuple[float, float | None] | None:
     name = paper_name(init, dataset)
-    if metric == "mape":
+    if metric in ("mape", "mape_paper_scale"):  # the paper's MAPE is on its own scale (paper_scale.py)
         return PAPER_MAPE.get(name, {}).get(test_dataset)
     if test_dataset == "togo15":
         return PAPER_TOGO15_OTHER.get(name, {}).get(metric)
@@ -96,7 +115,7 @@ def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardwa
         for selection in ("best", "final"):
             cells = [_fmt(*stats[(selection, t, metric)][:2], digits) if (selection, t, metric) in stats else "" for t in tests]
             lines.append(f"| {selection} | " + " | ".join(cells) + " |")
-        paper = [paper_value(init, dataset, t, "mape" if metric == "mape_paper_scale" else metric) for t in tests]
+        paper = [paper_value(init, dataset, t, metric) for t in tests]
         if any(paper):
             # the paper's numbers as printed there: two decimals for MAPE and R^2, as given for MAE and RMSE
             shown = [("" if not p else _fmt(p[0], p[1], 2) if metric in ("mape", "mape_paper_scale", "r2") else f"{p[0]:g}") for p in paper]

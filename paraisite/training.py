@@ -15,7 +15,6 @@ drawn from a generator seeded with (seed, k, e), not from global state.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -36,6 +35,7 @@ from .datasets import LTCDataset
 from .metrics import mape_loss, regression_metrics
 from .model import ParAIsite
 from .paper_scale import PaperScale
+from .report import write_csv
 from .transform import TargetTransform
 
 INITS = ("rw", "fe", "fe+af", "rw+af")
@@ -231,23 +231,6 @@ def evaluate_split(
                        "formula": data.formulas[i], "ltc": float(t), "predicted": float(p)}
                       for i, t, p in zip(val_idx, y_true, y_pred)]
     return rows, preds
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows atomically (temporary name, then rename); a column some rows lack is left empty there."""
-    if not rows:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def check_run_config(run_dir: Path, config: TrainConfig) -> None:

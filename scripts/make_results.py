@@ -21,7 +21,6 @@ docs/results/scan/.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import shutil
@@ -31,21 +30,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paraisite.report import COLUMN_NAMES, METRIC_TITLES, aggregate, paper_name, paper_value  # noqa: E402
+from paraisite.report import (  # noqa: E402
+    COLUMN_NAMES, METRIC_TITLES, aggregate, paper_name, paper_value, read_csv, write_csv,
+)
 
 METRIC_DIGITS = {"mape": 2, "mape_paper_scale": 2, "r2": 2, "mae": 2, "rmse": 2}
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:  # merged runs may mix rows with and without a column
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def load_run(folder: Path) -> dict | None:
@@ -103,7 +92,7 @@ def run_table(run: dict) -> list[str]:
         for selection in ("best", "final"):
             cells = [fmt(stats.get((selection, t, metric)), METRIC_DIGITS[metric]) for t in tests]
             lines.append(f"| {run['name']} | {title} | {selection} | " + " | ".join(cells) + " |")
-        paper = [paper_value(cfg["init"], cfg["dataset"], t, "mape" if metric == "mape_paper_scale" else metric) for t in tests]
+        paper = [paper_value(cfg["init"], cfg["dataset"], t, metric) for t in tests]
         if any(paper):
             lines.append(f"| {run['name']} | {title} | paper | " + " | ".join(paper_fmt(p, metric) for p in paper) + " |")
     header = ["| model | metric | selection | " + " | ".join(COLUMN_NAMES[t] for t in tests) + " |",
