@@ -29,7 +29,7 @@ from megnet_pt.predict import resolve_device
 from paraisite.datasets import NAMES, DatasetError, LTCDataset, dataset_folder, load_dataset, read_labels
 from paraisite.paper_scale import PaperScale
 from paraisite.ensemble_training import train_splits_together
-from paraisite.report import paper_name, plot_curves, plot_parity, read_csv, summary_markdown, write_csv
+from paraisite.report import collapsed, paper_name, plot_curves, plot_parity, read_csv, summary_markdown, write_csv
 from paraisite.training import (
     INITS, TrainConfig, aflow_checkpoint, aflow_stage_done, check_aflow_checkpoint, check_run_config, evaluate_split,
     split_dir, train_split,
@@ -173,6 +173,9 @@ def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str],
                 finished = False
                 break
             rows, preds = evaluate_split(k, run_dir, datasets, device, paper_scale)
+            for r in collapsed(rows, config.dataset):
+                print(f"warning: {d}/{r['selection']}.pt (epoch {r['epoch']}) collapsed: {float(r['share_nonpositive']):.0%} "
+                      f"of its {config.dataset} validation predictions are <= 0 W/m/K (README.md: Training)", file=sys.stderr)
             write_csv(d / "predictions.csv", preds)
             write_csv(d / "results.csv", rows)
     if world == 1 and all((split_dir(run_dir, k) / "results.csv").is_file() for k in splits):

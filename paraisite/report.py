@@ -55,6 +55,19 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def collapsed(rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any]]:
+    r"""The rows of ``dataset``'s own validation part where most predictions are at or below 0 W/m/K.
+
+    That is a collapsed model, not a poor one: its outputs fell to where the
+    back-transform :math:`10^{z\sigma+\mu} - 1` is flat at -1 W/m/K, so the MAPE
+    (then :math:`1 + 1/y` for every structure) has almost no gradient and training
+    barely moves. It happens in the AFLOW stage of the paper's protocol (upstream's
+    loss has the same flat region); see docs/results.md.
+    """
+    return [r for r in rows if r["test_dataset"] == dataset and r.get("share_nonpositive") not in (None, "")
+            and float(r["share_nonpositive"]) > 0.5]
+
+
 def paper_name(init: str, dataset: str) -> str:
     """The paper's model name, e.g. ('fe+af', 'togo15') -> 'FEAFTG15'."""
     return _INIT_PREFIX.get(init, init.upper()) + _DATASET_SUFFIX.get(dataset, dataset.upper())
@@ -120,6 +133,14 @@ def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardwa
             # the paper's numbers as printed there: two decimals for MAPE and R^2, as given for MAE and RMSE
             shown = [("" if not p else _fmt(p[0], p[1], 2) if metric in ("mape", "mape_paper_scale", "r2") else f"{p[0]:g}") for p in paper]
             lines.append("| paper | " + " | ".join(shown) + " |")
+        lines.append("")
+    fallen = collapsed(rows, dataset)
+    if fallen:
+        lines += ["## Collapsed models", "",
+                  "Most of these models' validation predictions are at or below 0 W/m/K (at -1, where the MAPE has "
+                  "almost no gradient): they collapsed in training, and their rows above are those of a constant model.", ""]
+        lines += [f"- split {r['split']}, {r['selection']} (epoch {r['epoch']}): {float(r['share_nonpositive']):.0%} "
+                  "of the predictions <= 0 W/m/K" for r in sorted(fallen, key=lambda r: (int(r["split"]), r["selection"]))]
         lines.append("")
     return "\n".join(lines)
 

@@ -213,7 +213,9 @@ def evaluate_split(
 
     Returns metric rows and per-structure prediction rows. With ``paper_scale``
     the rows also hold ``mape_paper_scale``, the MAPE as upstream computed it
-    (:mod:`paraisite.paper_scale`); empty without.
+    (:mod:`paraisite.paper_scale`); empty without. ``share_nonpositive`` is the
+    share of predictions at or below 0 W/m/K, which no material has: most of
+    them there means the model collapsed (:func:`paraisite.report.collapsed`).
     """
     rows, preds = [], []
     for selection in ("best", "final"):
@@ -226,7 +228,8 @@ def evaluate_split(
             y_pred = predict(model, graphs, transform, device)
             rows.append({"split": k, "selection": selection, "test_dataset": name, "epoch": meta["epoch"],
                          "n": len(val_idx), **regression_metrics(y_true.numpy(), y_pred.numpy()),
-                         "mape_paper_scale": paper_scale.mape(data, val_idx, y_pred) if paper_scale else ""})
+                         "mape_paper_scale": paper_scale.mape(data, val_idx, y_pred) if paper_scale else "",
+                         "share_nonpositive": float((y_pred <= 0).double().mean())})
             preds += [{"split": k, "selection": selection, "test_dataset": name, "id": data.ids[i],
                        "formula": data.formulas[i], "ltc": float(t), "predicted": float(p)}
                       for i, t, p in zip(val_idx, y_true, y_pred)]

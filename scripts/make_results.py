@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paraisite.report import (  # noqa: E402
-    COLUMN_NAMES, METRIC_TITLES, aggregate, paper_name, paper_value, read_csv, write_csv,
+    COLUMN_NAMES, METRIC_TITLES, aggregate, collapsed, paper_name, paper_value, read_csv, write_csv,
 )
 
 METRIC_DIGITS = {"mape": 2, "mape_paper_scale": 2, "r2": 2, "mae": 2, "rmse": 2}
@@ -192,6 +192,18 @@ def wall_time(run: dict) -> str:
     return f"{seconds / 60:.1f} min training ({epochs} split-epochs, {seconds / max(epochs, 1):.2f} s per epoch)"
 
 
+def collapse_line(run: dict) -> list[str]:
+    """The splits whose model collapsed (paraisite.report.collapsed); nothing for runs scored before that was measured."""
+    fallen = collapsed(run["results"], run["config"]["dataset"])
+    if not fallen:
+        return []
+    by_split: dict[int, list[str]] = {}
+    for r in fallen:
+        by_split.setdefault(int(r["split"]), []).append(f"{r['selection']} (epoch {r['epoch']})")
+    shown = "; ".join(f"split {k}: {', '.join(sorted(v))}" for k, v in sorted(by_split.items()))
+    return [f"Collapsed (most validation predictions at or below 0 W/m/K): {shown}.", ""]
+
+
 def scan_section(csv_path: Path, dest: Path) -> list[str]:
     """The scan's summary, plots and metadata, copied beside results.md, as markdown lines."""
     base = csv_path.with_suffix("")
@@ -242,7 +254,7 @@ def main() -> None:
         n_splits = len({r["split"] for r in run["results"]})
         lines += [f"### {run['name']}: `--init {cfg['init']} --dataset {cfg['dataset']}`, "
                   f"{cfg['epochs']} epochs, {n_splits} splits (`{run['folder'].name}`)", ""]
-        lines += run_table(run) + ["", f"Wall time: {wall_time(run)}.", ""]
+        lines += run_table(run) + ["", f"Wall time: {wall_time(run)}.", ""] + collapse_line(run)
         # written from memory, not copied: a merged run exists nowhere else, and the copy may be the source itself
         dest = data_dir / run["folder"].name
         dest.mkdir(exist_ok=True)

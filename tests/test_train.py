@@ -81,6 +81,40 @@ def test_small_run_writes_everything(workdir):
     assert (run / "split1" / "final.pt").stat().st_mtime_ns == mtime
 
 
+def test_a_collapsed_model_is_named_in_the_warning_and_the_summary(workdir, tmp_path, capsys):
+    """A model whose predictions fell to -1 W/m/K (the AFLOW stage's collapse) is flagged, not only scored."""
+    import shutil
+
+    run = tmp_path / "collapsed"
+    shutil.copytree(workdir / "runs" / "small", run)  # from test_small_run_writes_everything
+    assert "Collapsed" not in (run / "summary.md").read_text()
+    rows = list(csv.DictReader(open(run / "results.csv")))
+    assert all(0 <= float(r["share_nonpositive"]) <= 1 for r in rows)
+    model, transform, meta = load_model(run / "split2" / "final.pt")
+    with torch.no_grad():
+        model.head[-1].bias.fill_(-1e3)  # every output far below the scaler's range: 10^(...) - 1 = -1
+    save_model(model, transform, run / "split2" / "final.pt", **{k: meta[k] for k in ("selection", "init", "dataset", "split", "epoch")})
+    (run / "split2" / "results.csv").unlink()  # so that split 2 is scored again
+    capsys.readouterr()
+    assert run_train("--init", "rw", "--dataset", "togo15", "--epochs", "2", "--splits", "2", "--run-dir", str(run),
+                     "--test-on", "miyazaki21") == 0
+    err = capsys.readouterr().err
+    assert f"{run / 'split2'}/final.pt (epoch 2) collapsed: 100% of its togo15 validation predictions" in err
+    assert "best.pt" not in err and "split1" not in err
+    summary = (run / "summary.md").read_text()
+    assert "## Collapsed models" in summary
+    assert "- split 2, final (epoch 2): 100% of the predictions <= 0 W/m/K" in summary
+    assert "split 1," not in summary.split("## Collapsed models")[1]
+    # and docs/results.md says it under the run's table
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copytree(run, runs / "rw_togo15")
+    out = tmp_path / "results.md"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_results.py"), "--runs", str(runs), "--out", str(out)],
+                   check=True, capture_output=True)
+    assert "Collapsed (most validation predictions at or below 0 W/m/K): split 2: final (epoch 2)." in out.read_text()
+
+
 def test_run_folder_of_other_aflow_models_is_refused(tmp_path):
     run = tmp_path / "fe+af_togo15"
     training.check_run_config(run, TrainConfig(init="fe+af", aflow_run="runs/fe_aflow_agl_e30"))
