@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<init>_<dataset>)")
     p.add_argument("--aflow-run", default=None, help="AFLOW-stage run folder for fe+af / rw+af "
                    "(default: runs/fe_aflow_agl or runs/rw_aflow_agl, trained there first when missing)")
+    p.add_argument("--clip-grad-norm", type=float, default=None, metavar="C",
+                   help="not in the paper: clip each step's gradient to L2 norm C (both stages of fe+af/rw+af); 10 keeps "
+                   "the AFLOW stage from collapsing (README.md: Training). Default folders get a suffix _clip<C>")
     p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after the epoch that passes this many "
                    "minutes; re-run the same command to go on")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -134,7 +137,8 @@ def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str],
     mine = splits[rank::world]
     aflow_run = Path(config.aflow_run) if config.init in ("fe+af", "rw+af") else None
     stage = TrainConfig(init=config.init.split("+")[0], dataset="aflow_agl", epochs=config.epochs,
-                        batch_size=config.batch_size, lr=config.lr, seed=config.seed, cutoff=config.cutoff)
+                        batch_size=config.batch_size, lr=config.lr, seed=config.seed, cutoff=config.cutoff,
+                        clip_grad_norm=config.clip_grad_norm)
     needs_stage = aflow_run is not None and any(not aflow_stage_done(aflow_run, k) for k in splits)
 
     def prepare() -> dict[str, LTCDataset]:
@@ -193,9 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        aflow_run = args.aflow_run or f"runs/{args.init.split('+')[0]}_aflow_agl"
+        if args.clip_grad_norm is not None and not args.clip_grad_norm > 0:
+            raise ValueError(f"--clip-grad-norm must be positive (got {args.clip_grad_norm})")
+        suffix = f"_clip{args.clip_grad_norm:g}" if args.clip_grad_norm else ""  # never mixed with the paper's runs
+        aflow_run = args.aflow_run or f"runs/{args.init.split('+')[0]}_aflow_agl{suffix}"
         config = TrainConfig(init=args.init, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                             lr=args.lr, seed=args.seed, aflow_run=aflow_run if "+af" in args.init else None)
+                             lr=args.lr, seed=args.seed, aflow_run=aflow_run if "+af" in args.init else None,
+                             clip_grad_norm=args.clip_grad_norm)
         if "+af" in args.init and args.aflow_run and not all(aflow_stage_done(Path(aflow_run), k) for k in args.splits):
             gone = [k for k in args.splits if not aflow_checkpoint(Path(aflow_run), k).is_file()]
             unfinished = [k for k in args.splits if k not in gone and not aflow_stage_done(Path(aflow_run), k)]
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"--aflow-run {aflow_run}: the AFLOW stage of split(s) {unfinished} is unfinished (best.pt but no "
                                   f"final.pt); finish it first (python train.py --init {args.init.split('+')[0]} --dataset aflow_agl "
                                   f"--run-dir {aflow_run} with its --epochs), or leave out --aflow-run to have it trained here")
-        run_dir = Path(args.run_dir or f"runs/{args.init}_{Path(args.dataset).name}")
+        run_dir = Path(args.run_dir or f"runs/{args.init}_{Path(args.dataset).name}{suffix}")
         deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
         if rank == 0:
             print(f"{paper_name(args.init, Path(args.dataset).name)}: split(s) {','.join(map(str, args.splits))} "

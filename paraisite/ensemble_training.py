@@ -236,14 +236,29 @@ def batched_mape(y_pred: Tensor, x: PaddedBatch, eps: float = 1e-8) -> Tensor:
     return ((x.target - y_pred).abs() / x.target.abs().clamp(min=eps) * x.mask).sum(dim=1) / x.count
 
 
+def clip_members(params: list[Tensor], max_norm: float) -> None:
+    r"""``torch.nn.utils.clip_grad_norm_`` for each member alone: :math:`g_m \leftarrow g_m \min(1, c/(\lVert g_m \rVert + 10^{-6}))`.
+
+    ``params`` are stacked (dimension 0 is the member), so each member's norm is
+    taken over its own slices of every tensor.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+
+
 def train_step(net: StackedModel, optimizer: torch.optim.Optimizer, x: PaddedBatch, mean: Tensor,
-               std: Tensor) -> Tensor:
+               std: Tensor, clip_grad_norm: float | None = None) -> Tensor:
     """One Adam step of every member on its own batch; returns the M training losses (detached)."""
     z = net(x)[:, : x.num_slots - 1]
     losses = batched_mape(inverse_transform(z, mean, std), x)
     optimizer.zero_grad(set_to_none=True)
     # the members' losses do not share parameters, so d(sum)/d(theta_m) = d(loss_m)/d(theta_m)
     losses.sum().backward()
+    if clip_grad_norm:
+        clip_members(net.trainable(), clip_grad_norm)
     optimizer.step()
     return losses.detach()
 
@@ -390,7 +405,7 @@ def train_splits_together(
         total = torch.zeros(M, dtype=torch.float64, device=device)
         for i in range(0, n_train, config.batch_size):
             x = pad_batches(packed, [o[i : i + config.batch_size] for o in orders])
-            total += train_step(net, optimizer, x, mean, std).double() * x.count
+            total += train_step(net, optimizer, x, mean, std, config.clip_grad_norm).double() * x.count
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if device.type == "cpu":

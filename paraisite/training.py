@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 42
     cutoff: float = 4.0
     aflow_run: str | None = None  # folder of the AFLOW-stage run for fe+af / rw+af
+    clip_grad_norm: float | None = None  # not in the paper: clip each step's gradient to this L2 norm
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,6 +182,8 @@ def train_split(
             loss = mape_loss(transform.inverse(model(batch)), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
             optimizer.step()
             total += loss.item() * len(idx)
         lr = optimizer.param_groups[0]["lr"]

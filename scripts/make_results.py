@@ -133,7 +133,8 @@ def own_mape(run: dict) -> dict[tuple[int, str], float]:
 def describe(run: dict) -> str:
     cfg = run["config"]
     after = f" after `{Path(cfg['aflow_run']).name}`" if cfg.get("aflow_run") else ""
-    return f"`{run['folder'].name}` ({cfg['epochs']} epochs{after})"
+    clip = f", gradient clipped at {cfg['clip_grad_norm']:g}" if cfg.get("clip_grad_norm") else ""
+    return f"`{run['folder'].name}` ({cfg['epochs']} epochs{clip}{after})"
 
 
 def same_splits_tables(runs: list[dict]) -> list[str]:
@@ -252,7 +253,8 @@ def main() -> None:
     for run in runs:
         cfg = run["config"]
         n_splits = len({r["split"] for r in run["results"]})
-        lines += [f"### {run['name']}: `--init {cfg['init']} --dataset {cfg['dataset']}`, "
+        clip = f" --clip-grad-norm {cfg['clip_grad_norm']:g}" if cfg.get("clip_grad_norm") else ""
+        lines += [f"### {run['name']}: `--init {cfg['init']} --dataset {cfg['dataset']}{clip}`, "
                   f"{cfg['epochs']} epochs, {n_splits} splits (`{run['folder'].name}`)", ""]
         lines += run_table(run) + ["", f"Wall time: {wall_time(run)}.", ""] + collapse_line(run)
         # written from memory, not copied: a merged run exists nowhere else, and the copy may be the source itself

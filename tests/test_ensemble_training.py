@@ -75,6 +75,42 @@ def test_ensemble_matches_the_sequential_path(runs):
     assert checkpoint(ens, 1, "final")["transform"] != checkpoint(ens, 2, "final")["transform"]
 
 
+def test_clip_members_clips_each_member_as_clip_grad_norm_would():
+    torch.manual_seed(0)
+    stacked = [torch.zeros(2, *shape, requires_grad=True) for shape in [(3, 4), (5,), (2, 2, 2)]]
+    for p in stacked:
+        p.grad = torch.randn(p.shape)
+        p.grad[1] *= 1e-2  # member 0 above the norm (scaled down), member 1 below it (left alone)
+    members = [[torch.zeros(p.shape[1:], requires_grad=True) for p in stacked] for _ in range(2)]
+    for m, member in enumerate(members):
+        for p, q in zip(member, stacked):
+            p.grad = q.grad[m].clone()
+    norms = [float(torch.nn.utils.clip_grad_norm_(member, 2.0)) for member in members]
+    assert norms[0] > 2.0 > norms[1]
+    ensemble_training.clip_members(stacked, 2.0)
+    for m, member in enumerate(members):
+        for p, q in zip(member, stacked):
+            torch.testing.assert_close(q.grad[m], p.grad)
+
+
+def test_clipped_ensemble_matches_the_clipped_sequential_path(runs, workdir):
+    data, seq, _ = runs
+    clipped = TrainConfig(init="rw", dataset="togo15", epochs=2, clip_grad_norm=0.5)
+    for k in SPLITS:
+        assert train_split(data, k, clipped, workdir / "seq_clip", CPU, progress=False)
+    assert train_splits_together(data, SPLITS, clipped, workdir / "ens_clip", CPU, progress=False)
+    for k in SPLITS:
+        a, b, plain = curve(workdir / "seq_clip", k), curve(workdir / "ens_clip", k), curve(seq, k)
+        for ra, rb, rp in zip(a, b, plain):
+            for column in ("train_loss", "val_loss"):
+                assert float(rb[column]) == pytest.approx(float(ra[column]), rel=1e-5), (k, ra["epoch"], column)
+        assert float(a[1]["val_loss"]) != pytest.approx(float(plain[1]["val_loss"]), rel=1e-3)  # clipping changed training
+        wa = checkpoint(workdir / "seq_clip", k, "final")["state_dict"]
+        wb = checkpoint(workdir / "ens_clip", k, "final")["state_dict"]
+        for name, value in wa.items():
+            torch.testing.assert_close(wb[name], value, rtol=1e-4, atol=1e-5, msg=f"split {k} {name}")
+
+
 def test_vectorised_validation_matches_the_one_by_one_validation(runs):
     data = runs[0]
     config = TrainConfig(init="rw", dataset="togo15")

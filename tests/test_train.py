@@ -115,6 +115,22 @@ def test_a_collapsed_model_is_named_in_the_warning_and_the_summary(workdir, tmp_
     assert "Collapsed (most validation predictions at or below 0 W/m/K): split 2: final (epoch 2)." in out.read_text()
 
 
+def test_clipped_runs_get_folders_of_their_own(workdir, capsys):
+    """--clip-grad-norm (not the paper's protocol) never lands in, or starts from, the paper's run folders."""
+    assert run_train("--init", "rw+af", "--dataset", "togo15", "--epochs", "1", "--splits", "1,",
+                     "--clip-grad-norm", "10") == 0
+    stage = json.loads((workdir / "runs" / "rw_aflow_agl_clip10" / "config.json").read_text())
+    run = json.loads((workdir / "runs" / "rw+af_togo15_clip10" / "config.json").read_text())
+    assert stage["clip_grad_norm"] == run["clip_grad_norm"] == 10.0
+    assert run["aflow_run"] == "runs/rw_aflow_agl_clip10"
+    assert not (workdir / "runs" / "rw_aflow_agl").exists() and not (workdir / "runs" / "rw+af_togo15").exists()
+    # and the clipped folder is refused to unclipped training (the settings differ in clip_grad_norm alone)
+    capsys.readouterr()
+    assert run_train("--init", "rw", "--dataset", "aflow_agl", "--epochs", "1", "--splits", "1,",
+                     "--run-dir", "runs/rw_aflow_agl_clip10") == 2
+    assert "clip_grad_norm: 10.0 there, None now" in capsys.readouterr().err
+
+
 def test_run_folder_of_other_aflow_models_is_refused(tmp_path):
     run = tmp_path / "fe+af_togo15"
     training.check_run_config(run, TrainConfig(init="fe+af", aflow_run="runs/fe_aflow_agl_e30"))
@@ -331,6 +347,7 @@ def test_interrupted_aflow_stage_is_finished_before_it_is_used(workdir, capsys):
     (["--dataset", "togo16"], "unknown dataset 'togo16'"),
     (["--test-on", "togo15,nope"], "unknown dataset 'nope'"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm must be positive"),
 ])
 def test_bad_names_are_clear_errors(workdir, capsys, args, message):
     assert run_train(*args) == 2
