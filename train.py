@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-on", default="", help="also score each split's model on these datasets' validation parts "
                    "of the same seed (comma-separated; the training set is always scored)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--run-dir", default=None, help="run folder (default: runs/<init>_<dataset>)")
+    p.add_argument("--run-dir", default=None, help="run folder (default: runs/<init>_<dataset>, with _clip<C> under --clip-grad-norm)")
     p.add_argument("--aflow-run", default=None, help="AFLOW-stage run folder for fe+af / rw+af "
-                   "(default: runs/fe_aflow_agl or runs/rw_aflow_agl, trained there first when missing)")
+                   "(default: runs/fe_aflow_agl or runs/rw_aflow_agl, _clip<C> likewise; trained there first when missing)")
     p.add_argument("--clip-grad-norm", type=float, default=None, metavar="C",
                    help="not in the paper: clip each step's gradient to L2 norm C (both stages of fe+af/rw+af); 10 keeps "
                    "the AFLOW stage from collapsing (README.md: Training). Default folders get a suffix _clip<C>")

@@ -59,7 +59,10 @@ def merge_runs(earlier: dict, later: dict) -> dict:
     to one run when their settings agree; otherwise the later run replaces
     the earlier whole.
     """
-    if earlier["config"] != later["config"]:
+    def settings(config: dict) -> dict:  # a setting added to train.py later is None in the runs made before it
+        return {key: value for key, value in config.items() if value is not None}
+
+    if settings(earlier["config"]) != settings(later["config"]):
         print(f"{later['folder']} replaces {earlier['folder']}: other settings", file=sys.stderr)
         return later
     mine = {int(r["split"]) for r in later["results"]}
