@@ -101,7 +101,7 @@ def test_clipped_ensemble_matches_the_clipped_sequential_path(runs, workdir):
     assert train_splits_together(data, SPLITS, clipped, workdir / "ens_clip", CPU, progress=False)
     for k in SPLITS:
         a, b, plain = curve(workdir / "seq_clip", k), curve(workdir / "ens_clip", k), curve(seq, k)
-        for ra, rb, rp in zip(a, b, plain):
+        for ra, rb in zip(a, b):
             for column in ("train_loss", "val_loss"):
                 assert float(rb[column]) == pytest.approx(float(ra[column]), rel=1e-5), (k, ra["epoch"], column)
         assert float(a[1]["val_loss"]) != pytest.approx(float(plain[1]["val_loss"]), rel=1e-3)  # clipping changed training
