@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--ensemble", action="store_true", help="train the selected splits together as one vectorised model "
                    "(same results to float32 round-off); meant for a GPU, and on a CPU faster when it has several threads")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="with --ensemble on CUDA: launch every kernel of every "
+                   "step instead of replaying the step recorded once as a CUDA graph (slower; for comparison)")
     return p
 
 
@@ -132,7 +134,7 @@ def write_reports(run_dir: Path, config: TrainConfig, device: torch.device) -> N
 
 def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str], device: torch.device,
         deadline: float | None, progress: bool, rank: int = 0, world: int = 1, report: bool = True,
-        ensemble: bool = False) -> bool:
+        ensemble: bool = False, cuda_graphs: bool = True) -> bool:
     """Train and evaluate ``splits`` (this process's share under torchrun); True when all are done."""
     mine = splits[rank::world]
     aflow_run = Path(config.aflow_run) if config.init in ("fe+af", "rw+af") else None
@@ -159,7 +161,8 @@ def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str],
             check_aflow_checkpoint(aflow_checkpoint(aflow_run, k), config.init, k, config.cutoff)
         if missing:
             print(f"AFLOW stage of split(s) {missing} not finished in {aflow_run}: training it first ({stage.init}, aflow_agl)", file=sys.stderr)
-            if not run(stage, missing, aflow_run, [], device, deadline, progress, report=world == 1, ensemble=ensemble):
+            if not run(stage, missing, aflow_run, [], device, deadline, progress, report=world == 1, ensemble=ensemble,
+                       cuda_graphs=cuda_graphs):
                 return False
     data = datasets[config.dataset]
     # the module of a +af model carries AFLOW's scaler upstream (paraisite/paper_scale.py); float32, as LTCDataset.ltc
@@ -167,7 +170,7 @@ def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str],
                  if aflow_run is not None else None)
     paper_scale = PaperScale.for_run(config.init, data, aflow_ltc)
     # the ensemble writes every split's final.pt; train_split below then only finds them done
-    if ensemble and not train_splits_together(data, mine, config, run_dir, device, deadline, progress):
+    if ensemble and not train_splits_together(data, mine, config, run_dir, device, deadline, progress, cuda_graphs):
         return False
     finished = True
     for k in mine:
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{paper_name(args.init, Path(args.dataset).name)}: split(s) {','.join(map(str, args.splits))} "
                   f"of {args.dataset} into {run_dir}", file=sys.stderr)
         done = run(config, args.splits, run_dir, tests, device, deadline, not args.no_progress, rank, world,
-                   ensemble=args.ensemble)
+                   ensemble=args.ensemble, cuda_graphs=not args.no_cuda_graphs)
         barrier(world)
         if world > 1 and rank == 0:
             done = all((split_dir(run_dir, k) / "results.csv").is_file() for k in args.splits)

@@ -8,13 +8,16 @@ For each dataset and device (the CPU, and CUDA when available) it times
     (collate, forward, MAPE, backward, fused Adam), split after split;
 (b) the ensemble path, ``paraisite.ensemble_training.train_step`` on the
     M splits' batches padded and stacked, one vmapped step for all;
+(c) on CUDA, the same step replayed as a CUDA graph
+    (``paraisite.ensemble_training.CUDAGraphStep``, what ``--ensemble`` runs
+    there), batches padded to one fixed shape;
 
 on the same batches (the first ``--steps`` of each split's epoch-1 shuffle),
 alternating (a) and (b) for ``--rounds`` rounds, plus one validation pass and
 one resume-state save per round. A split-epoch is then
 
     sequential:  steps/epoch * t_step + t_val + t_save          (per split)
-    ensemble:   (steps/epoch * t_step + t_val + t_save) / M     (per split)
+    ensemble:   (steps/epoch * t_step + t_val + t_save) / M     (per split, (b) or (c))
 
 printed in wall seconds and, on the CPU, in process CPU seconds (less
 sensitive to other jobs on a shared machine; equal to wall time on an idle
@@ -41,7 +44,7 @@ from torch_geometric.data import Batch
 from paraisite.checkpoint import atomic_save
 from paraisite.datasets import load_dataset
 from paraisite.ensemble_training import (
-    PackedGraphs, StackedModel, pad_batches, train_step, validate, validate_one_by_one,
+    CUDAGraphStep, PackedGraphs, StackedModel, pad_batches, padded_shapes, train_step, validate, validate_one_by_one,
 )
 from paraisite.metrics import mape_loss
 from paraisite.training import ETA_MIN, T_MAX, TrainConfig, _epoch_generator, initial_model, predict
@@ -138,13 +141,29 @@ def bench(name: str, device: torch.device, args: argparse.Namespace, tmp: Path) 
         atomic_save({"splits": splits, "params": {n: p.detach() for n, p in net.params.items()},
                      "optimizer": ens_opt.state_dict(), "scheduler": ens_sched.state_dict()}, tmp / "ensemble_state.pt")
 
+    # (c) the same, replayed as a CUDA graph (its own stacked model: the timings must not share an optimiser)
+    graphed = device.type == "cuda"
+    if graphed:
+        shapes = padded_shapes(packed, B)
+        net_g = StackedModel([initial_model(config, k) for k in splits], device)
+        graph_opt, _ = adam(net_g.trainable(), config.lr)
+        graph_step = CUDAGraphStep(net_g, mean, std)
+
+    def graph_steps(todo: list[list[np.ndarray]]) -> None:
+        for step in todo:
+            graph_step(graph_opt, pad_batches(packed, step, shapes))
+
     seq_steps(batches[:2])  # warm-up
     ens_steps(batches[:2])
-    keys = ("seq", "seq_val", "seq_save", "ens", "ens_val", "ens_save")
+    keys = ("seq", "seq_val", "seq_save", "ens", "ens_val", "ens_save", "graph")
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
+    timed = [("seq", lambda: seq_steps(batches)), ("seq_val", seq_val), ("seq_save", seq_save),
+             ("ens", lambda: ens_steps(batches)), ("ens_val", ens_val), ("ens_save", ens_save)]
+    if graphed:
+        graph_steps(batches)  # records a graph for every shape the timed steps need
+        timed.append(("graph", lambda: graph_steps(batches)))
     for _ in range(args.rounds):
-        for key, fn in (("seq", lambda: seq_steps(batches)), ("seq_val", seq_val), ("seq_save", seq_save),
-                        ("ens", lambda: ens_steps(batches)), ("ens_val", ens_val), ("ens_save", ens_save)):
+        for key, fn in timed:
             with Clock(device) as c:
                 fn()
             times[key].append((c.wall, c.cpu))
@@ -166,14 +185,21 @@ def bench(name: str, device: torch.device, args: argparse.Namespace, tmp: Path) 
               f"ensemble speed-up {seq / ens:4.2f}x")
         print(f"       speed-up vs the original's {ORIGINAL[name]} s/epoch: sequential {ORIGINAL[name] / seq:5.2f}x, "
               f"ensemble {ORIGINAL[name] / ens:5.2f}x")
+        graph = None
+        if graphed:
+            graph = (per_epoch * med("graph", i) / steps + med("ens_val", i) + med("ens_save", i)) / M
+            print(f"       CUDA graph ensemble of {M} {graph:7.3f}; speed-up {ens / graph:4.2f}x over the eager "
+                  f"ensemble, {ORIGINAL[name] / graph:5.1f}x the original")
         if name == "aflow_agl":
             stage = 9 * STAGE_EPOCHS
             print(f"       whole AFLOW stage (9 splits x {STAGE_EPOCHS} epochs): "
                   f"sequential {seq * stage / 3600:5.2f} h, ensemble {ens * stage / 3600:5.2f} h "
-                  f"({ens * stage / 60:.0f} min); original {ORIGINAL[name] * stage / 3600:.1f} h")
-    step_ms = {k: 1e3 * med(k, 0) for k in ("seq", "ens")}
+                  f"({ens * stage / 60:.0f} min)" + (f", CUDA graph {graph * stage / 60:.1f} min" if graph else "")
+                  + f"; original {ORIGINAL[name] * stage / 3600:.1f} h")
+    step_ms = {k: 1e3 * med(k, 0) for k in ("seq", "ens") + (("graph",) if graphed else ())}
     print(f"  per step (wall): sequential {step_ms['seq'] / (M * steps):.1f} ms per split, "
-          f"ensemble {step_ms['ens'] / steps:.1f} ms for {M} splits; validation: sequential "
+          f"ensemble {step_ms['ens'] / steps:.1f} ms for {M} splits"
+          + (f" ({step_ms['graph'] / steps:.1f} ms as a CUDA graph)" if graphed else "") + "; validation: sequential "
           f"{med('seq_val', 0) / M:.3f} s per split, ensemble {med('ens_val', 0):.3f} s for {M}; resume state: "
           f"sequential {med('seq_save', 0):.3f} s per split, ensemble {med('ens_save', 0):.3f} s for {M}")
 

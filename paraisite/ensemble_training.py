@@ -20,12 +20,14 @@ path. The M batches are padded to common shapes and stacked:
 nodes, edges and graph slots, where :math:`n_m, e_m` count the nodes and edges
 of :math:`\mathcal B_m`. Slots :math:`0..b_m-1` hold the real graphs; slot
 :math:`S-1` is a dummy graph that owns the padding nodes
-(:math:`i \ge n_m`, element 0) and the padding edges (:math:`N-1 \to N-1`,
-distance 0). There is always at least one padding node, so padding edges
-always have an end. Messages, means over a graph and the Set2Set softmax are
-all taken within one graph, so padding leaves the real graphs' outputs
-unchanged. With :math:`f(\theta; G) \in \mathbb R^S` the standardised
-prediction of every slot and :math:`(\mu_m, \sigma_m)` the target transform
+(:math:`i \ge n_m`, element 0) and the padding edges (self-loops on the
+padding nodes, distance 0). There is always at least one padding node, so
+padding edges always have an end. Messages, means over a graph and the
+Set2Set softmax are all taken within one graph, so padding leaves the real
+graphs' outputs unchanged. (On CUDA the shapes are fixed instead, with
+several dummy graphs: :func:`padded_shapes`, :class:`CUDAGraphStep`.)
+With :math:`f(\theta; G) \in \mathbb R^S` the standardised prediction of
+every slot and :math:`(\mu_m, \sigma_m)` the target transform
 fitted on split m's own training part,
 
 .. math::
@@ -65,11 +67,14 @@ uninterrupted one.
 """
 from __future__ import annotations
 
+import math
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,20 +129,28 @@ class PackedGraphs:
 
 @dataclass
 class PaddedBatch:
-    """M batches padded to common shapes: ``[M, N]`` nodes, ``[M, E]`` edges, ``[M, S]`` graph slots."""
+    """M batches padded to common shapes: ``[M, N]`` nodes, ``[M, E]`` edges, ``[M, S]`` graph slots.
+
+    Slots ``0..R-1`` hold the real graphs (R = ``num_real``), slots ``R..S-1``
+    are dummy graphs that own the padding nodes and edges.
+    """
 
     node_type: Tensor  # long [M, N]
     edge_index: Tensor  # long [M, 2, E]
     edge_dist: Tensor  # float [M, E]
-    batch: Tensor  # long [M, N], slot of every node (S - 1 for padding)
+    batch: Tensor  # long [M, N], slot of every node
     state: Tensor  # float [M, S, dim_state]
-    target: Tensor  # float [M, S - 1], labels (1 in empty slots, which keeps the masked loss finite)
-    mask: Tensor  # float [M, S - 1], 1 for a real graph
+    target: Tensor  # float [M, R], labels (1 in empty slots, which keeps the masked loss finite)
+    mask: Tensor  # float [M, R], 1 for a real graph
     count: Tensor  # float [M], real graphs per batch
 
     @property
     def num_slots(self) -> int:
         return self.state.shape[1]
+
+    @property
+    def num_real(self) -> int:
+        return self.target.shape[1]
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -146,11 +159,36 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.arange(int(counts.sum()), dtype=np.int64) + offsets
 
 
-def pad_batches(g: PackedGraphs, ids: list[np.ndarray]) -> PaddedBatch:
+DUMMY_SLOTS = 8  # dummy graphs of a fixed-shape batch: its padding is spread over them (fewer colliding atomics)
+
+
+def padded_shapes(g: PackedGraphs, batch_size: int, ratio: float = 1.25) -> list[tuple[int, int, int]]:
+    """Fixed (N, E, S) shapes for :func:`pad_batches`, smallest first, the last holding any batch of ``g``.
+
+    The largest is the totals of the ``batch_size`` largest graphs (+1 padding
+    node); each smaller one is ``ratio`` times smaller in N and E, down to the
+    ``batch_size`` smallest graphs. S is ``batch_size`` + :data:`DUMMY_SLOTS`.
+    """
+    n, e = np.sort(np.diff(g.node_ptr)), np.sort(np.diff(g.edge_ptr))
+    top = (int(n[-batch_size:].sum()) + 1, max(int(e[-batch_size:].sum()), 1))
+    low = (int(n[:batch_size].sum()) + 1, int(e[:batch_size].sum()))
+    shapes = [top]
+    while shapes[-1][0] > low[0] or shapes[-1][1] > max(low[1], 1):
+        N, E = shapes[-1]
+        shapes.append((max(math.ceil(N / ratio), low[0]), max(math.ceil(E / ratio), low[1], 1)))
+    return [(N, E, batch_size + DUMMY_SLOTS) for N, E in reversed(shapes)]
+
+
+def pad_batches(g: PackedGraphs, ids: list[np.ndarray], shapes: list[tuple[int, int, int]] | None = None) -> PaddedBatch:
     """Stack the batches ``ids[m]`` (graph indices into ``g``) as one padded batch (see the module docstring).
 
-    The bookkeeping is done on the host in NumPy, so that on a GPU the step
-    never waits for the device to learn a size.
+    With ``shapes`` (:func:`padded_shapes`) the batch takes the first of those
+    (N, E, S) that holds it, with S - :data:`DUMMY_SLOTS` real slots, instead
+    of the smallest shape that fits: CUDA graphs replay fixed shapes. The
+    padding nodes of member m are spread over the dummy slots, its padding
+    edges over its padding nodes (self-loops). The bookkeeping is done on the
+    host in NumPy, so that on a GPU the step never waits for the device to
+    learn a size.
     """
     device = g.node_type.device
     M = len(ids)
@@ -165,32 +203,42 @@ def pad_batches(g: PackedGraphs, ids: list[np.ndarray]) -> PaddedBatch:
     # first node / edge of every graph inside its member's batch
     node_start = np.cumsum(n) - n - np.repeat(np.cumsum(n_member) - n_member, b)
     edge_start = np.cumsum(e) - e - np.repeat(np.cumsum(e_member) - e_member, b)
-    N, E, S = int(n_member.max()) + 1, int(e_member.max()), int(b.max()) + 1
+    N, E, R = int(n_member.max()) + 1, int(e_member.max()), int(b.max())
+    S = R + 1
+    if shapes is not None:
+        fits = [s for s in shapes if s[0] >= N and s[1] >= E and s[2] - DUMMY_SLOTS >= R]
+        if not fits:
+            raise ValueError(f"batches of {N - 1} nodes, {E} edges and {R} graphs do not fit the shapes {shapes}")
+        N, E, S = fits[0]
+        R = S - DUMMY_SLOTS
 
     def dev(a: np.ndarray) -> Tensor:
         return torch.from_numpy(a).to(device, non_blocking=True)
 
     node_src, node_dst = dev(_ranges(g.node_ptr[flat], n)), dev(_ranges(member * N + node_start, n))
     edge_src, edge_dst = dev(_ranges(g.edge_ptr[flat], e)), dev(_ranges(member * E + edge_start, e))
-    graph_src, real = dev(flat), dev(member * (S - 1) + slot)
+    graph_src, real = dev(flat), dev(member * R + slot)
 
     node_type = g.node_type.new_zeros(M * N)
     node_type[node_dst] = g.node_type[node_src]
-    batch = torch.full((M * N,), S - 1, dtype=torch.long, device=device)
+    # padding node i >= n_m of member m -> dummy slot R + (i - n_m) mod (S - R); its padding edge j >= e_m -> the
+    # self-loop on padding node n_m + (j - e_m) mod (N - n_m)
+    pad_slot = R + (np.arange(N)[None, :] - n_member[:, None]) % (S - R)
+    batch = dev(pad_slot.reshape(-1))
     batch[node_dst] = dev(np.repeat(slot, n))
-    edge_index = torch.full((2, M * E), N - 1, dtype=torch.long, device=device)
+    pad_end = n_member[:, None] + (np.arange(E)[None, :] - e_member[:, None]) % (N - n_member[:, None])
+    edge_index = dev(np.broadcast_to(pad_end.reshape(-1), (2, M * E)).copy())
     edge_index[:, edge_dst] = g.edge_index[:, edge_src] + dev(np.repeat(node_start, e))
     edge_dist = g.edge_dist.new_zeros(M * E)
     edge_dist[edge_dst] = g.edge_dist[edge_src]
     state = g.state.new_zeros(M, S, g.state.shape[1])
     state.view(M * S, -1)[dev(member * S + slot)] = g.state[graph_src]
-    target = g.ltc.new_ones(M * (S - 1))
+    target = g.ltc.new_ones(M * R)
     target[real] = g.ltc[graph_src]
-    mask = g.ltc.new_zeros(M * (S - 1))
+    mask = g.ltc.new_zeros(M * R)
     mask[real] = 1.0
     return PaddedBatch(node_type.view(M, N), edge_index.view(2, M, E).transpose(0, 1), edge_dist.view(M, E),
-                       batch.view(M, N), state, target.view(M, S - 1), mask.view(M, S - 1),
-                       dev(b.astype(np.float32)))
+                       batch.view(M, N), state, target.view(M, R), mask.view(M, R), dev(b.astype(np.float32)))
 
 
 # --- the vectorised model and step ------------------------------------------------------------
@@ -252,7 +300,7 @@ def clip_members(params: list[Tensor], max_norm: float) -> None:
 def train_step(net: StackedModel, optimizer: torch.optim.Optimizer, x: PaddedBatch, mean: Tensor,
                std: Tensor, clip_grad_norm: float | None = None) -> Tensor:
     """One Adam step of every member on its own batch; returns the M training losses (detached)."""
-    z = net(x)[:, : x.num_slots - 1]
+    z = net(x)[:, : x.num_real]
     losses = batched_mape(inverse_transform(z, mean, std), x)
     optimizer.zero_grad(set_to_none=True)
     # the members' losses do not share parameters, so d(sum)/d(theta_m) = d(loss_m)/d(theta_m)
@@ -261,6 +309,62 @@ def train_step(net: StackedModel, optimizer: torch.optim.Optimizer, x: PaddedBat
         clip_members(net.trainable(), clip_grad_norm)
     optimizer.step()
     return losses.detach()
+
+
+class CUDAGraphStep:
+    r"""``train_step`` with its forward and backward recorded as CUDA graphs and replayed.
+
+    On a GPU one eager step of the stacked model launches about a thousand
+    small kernels and waits on the host that launches them
+    (``benchmarks/bench_train.py``). Every batch is padded to one of a few
+    fixed shapes (:func:`padded_shapes`), and for each shape the map
+
+    .. math::
+        (\Theta, G) \mapsto \big[\mathrm{MAPE}_m(\theta_m)\big]_{m=1..M}
+
+    and its backward are recorded the first time the shape comes up
+    (``torch.cuda.make_graphed_callables``, whose warm-up calls take gradients
+    without touching ``.grad``, so they do not train) and replayed after that.
+    Padding adds only dummy graphs, their nodes and edges, and empty slots,
+    which change no real graph's output. The optimiser step (fused Adam, a few
+    kernels) stays eager, so the optimiser, its schedule and the resume state
+    are those of ``train_step``.
+    """
+
+    def __init__(self, net: StackedModel, mean: Tensor, std: Tensor) -> None:
+        self.net, self.params, self.mean, self.std = net, net.trainable(), mean, std
+        self.graphs: dict[tuple[int, int, int], Any] = {}
+
+    @staticmethod
+    def _inputs(x: PaddedBatch) -> tuple[Tensor, ...]:
+        return (x.node_type, x.edge_index, x.edge_dist, x.batch, x.state, x.target, x.mask, x.count)
+
+    def _record(self, x: PaddedBatch) -> Any:
+        n, net, mean, std = len(self.params), self.net, self.mean, self.std
+
+        def losses(*args: Tensor) -> Tensor:  # args: the trainable tensors of net.params, then the batch's
+            batch = PaddedBatch(*args[n:])
+            z = net(batch)[:, : batch.num_real]
+            return batched_mape(inverse_transform(z, mean, std), batch)
+
+        with warnings.catch_warnings():  # the recorded backward runs on a side stream; harmless here
+            warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream")
+            return torch.cuda.make_graphed_callables(losses, (*self.params, *self._inputs(x)))
+
+    def __call__(self, optimizer: torch.optim.Optimizer, x: PaddedBatch, clip_grad_norm: float | None = None) -> Tensor:
+        """As :func:`train_step` (``x`` padded by :func:`pad_batches` with ``shapes``)."""
+        shape = (x.node_type.shape[1], x.edge_index.shape[2], x.num_slots)
+        if shape not in self.graphs:
+            self.graphs[shape] = self._record(x)
+        losses = self.graphs[shape](*self.params, *self._inputs(x))
+        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream")
+            losses.sum().backward()
+        if clip_grad_norm:
+            clip_members(self.params, clip_grad_norm)
+        optimizer.step()
+        return losses.detach()
 
 
 @torch.no_grad()
@@ -276,7 +380,7 @@ def validate(net: StackedModel, packed: PackedGraphs, val_idx: list[np.ndarray],
     preds = []
     for i in range(0, max(len(v) for v in val_idx), VAL_CHUNK):
         x = pad_batches(packed, [v[i : i + VAL_CHUNK] for v in val_idx])
-        preds.append(inverse_transform(net(x)[:, : x.num_slots - 1].double(), mean, std).float().cpu())
+        preds.append(inverse_transform(net(x)[:, : x.num_real].double(), mean, std).float().cpu())
     pred = torch.cat(preds, dim=1)
     ltc = packed.ltc.cpu()
     return [float(mape_loss(pred[m, : len(v)], ltc[torch.from_numpy(v)])) for m, v in enumerate(val_idx)]
@@ -349,7 +453,7 @@ def _find_state(run_dir: Path, pending: list[int], epochs: int, device: torch.de
 
 def train_splits_together(
     data: LTCDataset, splits: list[int], config: TrainConfig, run_dir: Path, device: torch.device,
-    deadline: float | None = None, progress: bool = True,
+    deadline: float | None = None, progress: bool = True, cuda_graphs: bool = True,
 ) -> bool:
     """Train ``splits`` of ``data`` as one vectorised ensemble to ``config.epochs`` (see the module docstring).
 
@@ -357,6 +461,8 @@ def train_splits_together(
     ``final.pt``; refuses (``CheckpointError``) a resume state of another group
     of splits. ``deadline`` (a ``time.monotonic()`` value) ends the call after
     the first epoch that finishes past it; returns True when every split is done.
+    On CUDA the step is replayed as a CUDA graph (:class:`CUDAGraphStep`)
+    unless ``cuda_graphs`` is False.
     """
     pending = [k for k in sorted(set(splits)) if not (split_dir(run_dir, k) / "final.pt").is_file()]
     if not pending:
@@ -395,6 +501,9 @@ def train_splits_together(
     for k in group:
         split_dir(run_dir, k).mkdir(parents=True, exist_ok=True)
     start = len(curves[group[0]])
+    graphed = cuda_graphs and device.type == "cuda"
+    shapes = padded_shapes(packed, config.batch_size) if graphed else None
+    step = CUDAGraphStep(net, mean, std) if graphed else None
 
     bar = tqdm(range(start + 1, config.epochs + 1), unit="epoch", initial=start, total=config.epochs,
                desc=f"{config.init} {data.name} splits {','.join(map(str, group))}", disable=not progress, leave=False)
@@ -404,8 +513,12 @@ def train_splits_together(
                   for k, t in zip(group, train_idx)]
         total = torch.zeros(M, dtype=torch.float64, device=device)
         for i in range(0, n_train, config.batch_size):
-            x = pad_batches(packed, [o[i : i + config.batch_size] for o in orders])
-            total += train_step(net, optimizer, x, mean, std, config.clip_grad_norm).double() * x.count
+            x = pad_batches(packed, [o[i : i + config.batch_size] for o in orders], shapes)
+            if step is not None:
+                losses = step(optimizer, x, config.clip_grad_norm)
+            else:
+                losses = train_step(net, optimizer, x, mean, std, config.clip_grad_norm)
+            total += losses.double() * x.count
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if device.type == "cpu":

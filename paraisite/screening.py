@@ -35,6 +35,7 @@ refuses to mix rows.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import heapq
@@ -413,7 +414,7 @@ def predict_batch(
     b = batch.num_graphs
     errors = [""] * b
     try:
-        on_device = batch.to(device)
+        on_device = copy.copy(batch).to(device)  # PyG's .to() moves in place: the caller's batch stays on the CPU
         pred = ensemble(on_device).cpu().numpy()
         eform = eform_model(on_device).cpu().numpy() if eform_model is not None else None
     except Exception as exc:

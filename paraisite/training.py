@@ -15,6 +15,7 @@ drawn from a generator seeded with (seed, k, e), not from global state.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -146,7 +147,8 @@ def train_split(
     out.mkdir(parents=True, exist_ok=True)
     train_idx, val_idx = data.split(k)
     y = data.ltc.to(device)
-    graphs = [g.to(device) for g in data.graphs] if device.type != "cpu" else data.graphs
+    # copies: PyG's .to() moves in place, and the dataset's graphs must stay on the CPU for other uses
+    graphs = [copy.copy(g).to(device) for g in data.graphs] if device.type != "cpu" else data.graphs
     val_graphs = [graphs[i] for i in val_idx]
     transform = TargetTransform.fit(data.ltc[train_idx])
 

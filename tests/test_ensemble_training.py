@@ -4,13 +4,17 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from megnet_pt.checkpoint import CheckpointError
 from paraisite import ensemble_training
 from paraisite.datasets import load_dataset
-from paraisite.ensemble_training import state_path, train_splits_together
+from paraisite.ensemble_training import (
+    DUMMY_SLOTS, PackedGraphs, StackedModel, batched_mape, inverse_transform, pad_batches, padded_shapes, state_path,
+    train_splits_together,
+)
 from paraisite.training import TrainConfig, initial_model, train_split
 from paraisite.transform import TargetTransform
 
@@ -73,6 +77,45 @@ def test_ensemble_matches_the_sequential_path(runs):
                 torch.testing.assert_close(wb[name], value, rtol=1e-4, atol=1e-5, msg=f"split {k} {selection} {name}")
     # the splits really differ (own shuffle, own transform), so the comparison above is not trivial
     assert checkpoint(ens, 1, "final")["transform"] != checkpoint(ens, 2, "final")["transform"]
+
+
+def test_fixed_shape_padding_leaves_every_real_graph_unchanged(shared):
+    """What the CUDA-graph step relies on: padding to padded_shapes changes no real graph's output or loss."""
+    data = load_dataset("togo15")
+    packed = PackedGraphs.from_dataset(data, CPU)
+    net = StackedModel([initial_model(TrainConfig(init="fe", dataset="togo15"), k) for k in SPLITS], CPU)
+    shapes = padded_shapes(packed, 8)
+    nodes, edges = np.diff(packed.node_ptr), np.diff(packed.edge_ptr)
+    largest = [np.argsort(nodes)[-8:], np.argsort(edges)[-8:]]  # the batches that need the most room
+    assert shapes[-1] == (nodes[largest[0]].sum() + 1, edges[largest[1]].sum(), 8 + DUMMY_SLOTS)
+    assert shapes[0][:2] == (nodes[np.argsort(nodes)[:8]].sum() + 1, edges[np.argsort(edges)[:8]].sum())
+    assert len(shapes) > 2 and all(a[0] <= b[0] and a[1] <= b[1] and a != b for a, b in zip(shapes, shapes[1:]))
+    mean, std = torch.tensor([0.9, 1.1]), torch.tensor([0.5, 0.6])
+    small = [np.array([0, 5, 9]), np.array([1, 2])]  # batches with empty slots, which take a smaller shape
+    for ids, shape in ((largest, shapes[-1]), (small, None)):
+        tight, fixed = pad_batches(packed, ids), pad_batches(packed, ids, shapes)
+        if shape is None:  # the first shape that holds the batch
+            need = (max(nodes[i].sum() for i in ids) + 1, max(edges[i].sum() for i in ids))
+            shape = next(s for s in shapes if s[0] >= need[0] and s[1] >= need[1])
+            assert shape != shapes[-1]
+        assert fixed.node_type.shape == (2, shape[0]) and fixed.edge_index.shape == (2, 2, shape[1])
+        assert fixed.num_slots == shape[2] and fixed.num_real == 8
+        # the padding is spread over dummy graphs and their nodes, never over a real graph
+        for m, i in enumerate(ids):
+            n_real = nodes[i].sum()
+            assert (fixed.batch[m, n_real:] >= 8).all()
+            assert len(fixed.batch[m, n_real:].unique()) == min(DUMMY_SLOTS, shape[0] - n_real)
+            pad_edges = fixed.edge_index[m, :, edges[i].sum():]
+            assert (pad_edges >= n_real).all() and (pad_edges[0] == pad_edges[1]).all()
+        with torch.no_grad():
+            a, b = net(tight), net(fixed)
+        for m, i in enumerate(ids):
+            torch.testing.assert_close(b[m, : len(i)], a[m, : len(i)], rtol=1e-5, atol=1e-6)
+        la = batched_mape(inverse_transform(a[:, : tight.num_real], mean, std), tight)
+        lb = batched_mape(inverse_transform(b[:, : fixed.num_real], mean, std), fixed)
+        torch.testing.assert_close(lb, la, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        pad_batches(packed, largest, shapes[:-1])
 
 
 def test_clip_members_clips_each_member_as_clip_grad_norm_would():
