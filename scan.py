@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)  # kernels, streams and CUDA graphs of this process go to its own GPU
         batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
         ensemble = load_ensemble(args.models, args.selection, method=args.method)
         info = ensemble.info

@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)  # kernels, streams and CUDA graphs of this process go to its own GPU
         if args.clip_grad_norm is not None and not args.clip_grad_norm > 0:
             raise ValueError(f"--clip-grad-norm must be positive (got {args.clip_grad_norm})")
         suffix = f"_clip{args.clip_grad_norm:g}" if args.clip_grad_norm else ""  # never mixed with the paper's runs

@@ -347,7 +347,8 @@ class CUDAGraphStep:
             z = net(batch)[:, : batch.num_real]
             return batched_mape(inverse_transform(z, mean, std), batch)
 
-        with warnings.catch_warnings():  # the recorded backward runs on a side stream; harmless here
+        with warnings.catch_warnings(), torch.cuda.device(x.node_type.device):
+            # the recorded backward runs on a side stream; harmless here
             warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream")
             return torch.cuda.make_graphed_callables(losses, (*self.params, *self._inputs(x)))
 
