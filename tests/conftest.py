@@ -1,5 +1,7 @@
 """Tests read the shared inputs through PARAISITE_HOME (default: ../shared beside the project)."""
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,3 +17,19 @@ def shared() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.skip(f"shared inputs not found at {SHARED} (set PARAISITE_HOME)")
     return SHARED
+
+
+@contextlib.contextmanager
+def working_folder(folder: Path, threads: int | None = None) -> Iterator[Path]:
+    """``folder`` as the working folder (graph caches and converted weights land there), torch limited to ``threads``."""
+    import torch
+
+    old, old_threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(folder)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield folder
+    finally:
+        torch.set_num_threads(old_threads)
+        os.chdir(old)

@@ -7,7 +7,6 @@ training runs on CUDA are compared with each other and with the CPU to a relativ
 """
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch_geometric.data import Batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
+from conftest import working_folder  # noqa: E402
 from megnet_pt import load_pretrained, structure_to_graph  # noqa: E402
 from megnet_pt.structures import read_structure  # noqa: E402
 from paraisite.datasets import load_dataset  # noqa: E402
@@ -36,11 +36,8 @@ SPLITS = [1, 2]
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, shared):
-    d = tmp_path_factory.mktemp("cuda")
-    old = os.getcwd()
-    os.chdir(d)
-    yield d
-    os.chdir(old)
+    with working_folder(tmp_path_factory.mktemp("cuda")) as d:
+        yield d
 
 
 def curve(run: Path, k: int) -> list[dict]:

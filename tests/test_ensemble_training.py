@@ -1,6 +1,5 @@
 """Training the splits together (paraisite.ensemble_training) against the sequential train_split."""
 import csv
-import os
 import sys
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import working_folder
 from megnet_pt.checkpoint import CheckpointError
 from paraisite import ensemble_training
 from paraisite.datasets import load_dataset
@@ -30,13 +30,8 @@ SPLITS = [1, 2]
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, shared):
     """One working folder (graph caches go to ./data), one thread: fast on a busy machine, and reproducible."""
-    d = tmp_path_factory.mktemp("ensemble")
-    old, threads = os.getcwd(), torch.get_num_threads()
-    os.chdir(d)
-    torch.set_num_threads(1)
-    yield d
-    torch.set_num_threads(threads)
-    os.chdir(old)
+    with working_folder(tmp_path_factory.mktemp("ensemble"), threads=1) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import torch
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 
+from conftest import working_folder
 from megnet_pt.cache import GraphCache, build_cache
 from paraisite import screening
 from paraisite.checkpoint import save_model
@@ -31,13 +32,9 @@ N_TOGO, N_AFLOW = 20, 12
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, shared):
     """One working folder: the training-domain cache (togo15) and converted weights are built once."""
-    d = tmp_path_factory.mktemp("scan")
-    old, threads = os.getcwd(), torch.get_num_threads()
-    os.chdir(d)
-    torch.set_num_threads(1)  # tiny batches on a shared machine: threads only wait for each other
-    yield d
-    torch.set_num_threads(threads)
-    os.chdir(old)
+    # one thread: tiny batches on a shared machine, where threads only wait for each other
+    with working_folder(tmp_path_factory.mktemp("scan"), threads=1) as d:
+        yield d
 
 
 def make_run(run: Path, seed: int = 0) -> Path:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch_geometric.data import Batch
 
+from conftest import working_folder
 from megnet_pt.checkpoint import CheckpointError
 from paraisite import training
 from paraisite.checkpoint import load_model, save_model
@@ -27,11 +28,8 @@ import train  # noqa: E402
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, shared):
     """One working folder for the module, so graph caches and converted weights are built once."""
-    d = tmp_path_factory.mktemp("work")
-    old = os.getcwd()
-    os.chdir(d)
-    yield d
-    os.chdir(old)
+    with working_folder(tmp_path_factory.mktemp("work")) as d:
+        yield d
 
 
 def run_train(*args: str) -> int:
