@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"{paper_name(args.init, Path(args.dataset).name)}: split(s) {','.join(map(str, args.splits))} "
                   f"of {args.dataset} into {run_dir}", file=sys.stderr)
+            if device.type == "cuda" and not args.ensemble and len(args.splits) > world:
+                print("note: on CUDA, --ensemble trains the splits together and is several times faster "
+                      "(README.md: Training)", file=sys.stderr)
         done = run(config, args.splits, run_dir, tests, device, deadline, not args.no_progress, rank, world,
                    ensemble=args.ensemble, cuda_graphs=not args.no_cuda_graphs)
         barrier(world)
