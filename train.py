@@ -65,12 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-on", default="", help="also score each split's model on these datasets' validation parts "
                    "of the same seed (comma-separated; the training set is always scored)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--run-dir", default=None, help="run folder (default: runs/<init>_<dataset>, with _clip<C> under --clip-grad-norm)")
+    p.add_argument("--run-dir", default=None, help="run folder (default: runs/<init>_<dataset>, with _clip<C> under "
+                   "--clip-grad-norm and _holdout<H> under --select-holdout)")
     p.add_argument("--aflow-run", default=None, help="AFLOW-stage run folder for fe+af / rw+af "
                    "(default: runs/fe_aflow_agl or runs/rw_aflow_agl, _clip<C> likewise; trained there first when missing)")
     p.add_argument("--clip-grad-norm", type=float, default=None, metavar="C",
                    help="not in the paper: clip each step's gradient to L2 norm C (both stages of fe+af/rw+af); 10 keeps "
                    "the AFLOW stage from collapsing (README.md: Training). Default folders get a suffix _clip<C>")
+    p.add_argument("--select-holdout", type=float, default=None, metavar="H",
+                   help="not in the paper: choose best.pt on a share H (e.g. 0.1) of each split's training part, held out "
+                   "from training, instead of on the validation part it is scored on (an honest early stopping; the "
+                   "AFLOW stage of fe+af/rw+af keeps its own selection). Default folders get a suffix _holdout<H>")
     p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after the epoch that passes this many "
                    "minutes; re-run the same command to go on")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -125,7 +130,8 @@ def write_reports(run_dir: Path, config: TrainConfig, device: torch.device) -> N
         curves[k] = read_csv(d / "curve.csv")
     write_csv(run_dir / "results.csv", results)
     write_csv(run_dir / "predictions.csv", predictions)
-    (run_dir / "summary.md").write_text(summary_markdown(results, config.init, config.dataset, hardware(device)) + "\n")
+    summary = summary_markdown(results, config.init, config.dataset, hardware(device), config.select_holdout)
+    (run_dir / "summary.md").write_text(summary + "\n")
     name = paper_name(config.init, config.dataset)
     plot_curves(curves, run_dir / "curves.png", f"{name}: MAPE per epoch")
     own = [r for r in predictions if r["test_dataset"] == config.dataset]
@@ -203,11 +209,14 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(device)  # kernels, streams and CUDA graphs of this process go to its own GPU
         if args.clip_grad_norm is not None and not args.clip_grad_norm > 0:
             raise ValueError(f"--clip-grad-norm must be positive (got {args.clip_grad_norm})")
+        if args.select_holdout is not None and not 0 < args.select_holdout < 1:
+            raise ValueError(f"--select-holdout must be between 0 and 1 (got {args.select_holdout})")
         suffix = f"_clip{args.clip_grad_norm:g}" if args.clip_grad_norm else ""  # never mixed with the paper's runs
         aflow_run = args.aflow_run or f"runs/{args.init.split('+')[0]}_aflow_agl{suffix}"
         config = TrainConfig(init=args.init, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                              lr=args.lr, seed=args.seed, aflow_run=aflow_run if "+af" in args.init else None,
-                             clip_grad_norm=args.clip_grad_norm)
+                             clip_grad_norm=args.clip_grad_norm, select_holdout=args.select_holdout)
+        suffix += f"_holdout{args.select_holdout:g}" if args.select_holdout else ""
         if "+af" in args.init and args.aflow_run and not all(aflow_stage_done(Path(aflow_run), k) for k in args.splits):
             gone = [k for k in args.splits if not aflow_checkpoint(Path(aflow_run), k).is_file()]
             unfinished = [k for k in args.splits if k not in gone and not aflow_stage_done(Path(aflow_run), k)]

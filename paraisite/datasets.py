@@ -21,7 +21,7 @@ from torch_geometric.data import Data
 from megnet_pt import paths
 from megnet_pt.cache import ensure_cache
 
-from .splits import split_parts
+from .splits import holdout_parts, split_parts
 
 SOURCES = ("togo15", "miyazaki21", "aflow_agl")
 COMPOSITES = {"mix": ("togo15", "miyazaki21")}
@@ -49,6 +49,18 @@ class LTCDataset:
     def split(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """(train, validation) indices of split ``seed`` (each source split on its own)."""
         return split_parts([n for _, n in self.parts], seed)
+
+    def training_parts(self, seed: int, holdout: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(fit, select, validation) of split ``seed``: the epoch is chosen on ``select``.
+
+        Without ``holdout`` (the paper's protocol) fit is the training part and
+        select is the validation part itself; with it, a share of the training
+        part (:func:`paraisite.splits.holdout_parts`).
+        """
+        if holdout is None:
+            train, val = self.split(seed)
+            return train, val, val
+        return holdout_parts([n for _, n in self.parts], seed, holdout)
 
 
 def dataset_folder(name: str) -> Path:

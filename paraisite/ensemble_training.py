@@ -470,7 +470,7 @@ def train_splits_together(
         return True
     group, state = _find_state(run_dir, pending, config.epochs, device, data.name)
     M = len(group)
-    train_idx, val_idx = zip(*(data.split(k) for k in group))
+    train_idx, select_idx, val_idx = zip(*(data.training_parts(k, config.select_holdout) for k in group))
     n_train = len(train_idx[0])
     if any(len(t) != n_train for t in train_idx):
         raise ValueError(f"splits {group} of {data.name} have training parts of different sizes; train them one by one")
@@ -524,15 +524,17 @@ def train_splits_together(
         scheduler.step()
         if device.type == "cpu":
             vals = validate_one_by_one(net, models, data, list(val_idx), transforms)
+            sels = validate_one_by_one(net, models, data, list(select_idx), transforms) if config.select_holdout else vals
         else:
             vals = validate(net, packed, list(val_idx), transforms)
+            sels = validate(net, packed, list(select_idx), transforms) if config.select_holdout else vals
         train_loss = (total / n_train).tolist()
         seconds = (time.perf_counter() - t0) / M  # each split's share of the ensemble epoch
         for m, k in enumerate(group):
             curves[k].append({"epoch": epoch, "train_loss": train_loss[m], "val_loss": vals[m], "lr": lr,
-                              "seconds": seconds})
-            if vals[m] < bests[k]["val"]:
-                bests[k] = {"val": vals[m], "epoch": epoch}
+                              "seconds": seconds} | ({"select_loss": sels[m]} if config.select_holdout else {}))
+            if sels[m] < bests[k]["val"]:
+                bests[k] = {"val": sels[m], "epoch": epoch}
                 save_model(net.load_into(m, models[m]), transforms[m], split_dir(run_dir, k) / "best.pt",
                            selection="best", init=config.init, dataset=data.name, split=k, epoch=epoch)
         atomic_save({"splits": group, "dataset": data.name, "params": {n: p.detach() for n, p in net.params.items()},

@@ -96,7 +96,8 @@ def _fmt(mean: float, std: float | None, digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ({std:.{digits}f})" if std is not None else "")
 
 
-def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardware: str = "") -> str:
+def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardware: str = "",
+                     select_holdout: float | None = None) -> str:
     """Mean (std) over splits for each selection and test set, beside the paper's numbers."""
     stats = aggregate(rows)
     name = paper_name(init, dataset)
@@ -106,7 +107,10 @@ def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardwa
         f"# {name}: init `{init}`, trained on `{dataset}`",
         "",
         f"{n_splits} split(s); validation metrics in original units (W/m/K), mean (std over splits, population).",
-        "`best`: the epoch with the lowest validation loss, selected on the very data it is scored on (the paper's protocol, optimistic).",
+        ("`best`: the epoch with the lowest validation loss, selected on the very data it is scored on (the paper's protocol, optimistic)."
+         if not select_holdout else
+         f"`best`: the epoch with the lowest loss on {select_holdout:.0%} of the training part, held out from training "
+         "(not the paper's protocol; honest: the validation data choose nothing)."),
         "`final`: the model after the last epoch (honest: nothing is selected on the validation data).",
         "The target scaler is fitted on each split's training part only.",
         "",

@@ -58,6 +58,7 @@ class TrainConfig:
     cutoff: float = 4.0
     aflow_run: str | None = None  # folder of the AFLOW-stage run for fe+af / rw+af
     clip_grad_norm: float | None = None  # not in the paper: clip each step's gradient to this L2 norm
+    select_holdout: float | None = None  # not in the paper: choose the epoch on this share of the training part
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +134,10 @@ def train_split(
 ) -> bool:
     """Train split ``k`` to ``config.epochs``, resuming from ``split<k>/state.pt``.
 
+    ``best.pt`` is the epoch with the lowest loss on the selection part
+    (:meth:`LTCDataset.training_parts`: the validation part, as in the paper,
+    or with ``config.select_holdout`` a share of the training part, which is
+    then not trained on).
     ``deadline`` (a ``time.monotonic()`` value) ends the call after the first
     epoch that finishes past it, so the protocol can be run in pieces; returns
     True when the split is finished.
@@ -145,11 +150,12 @@ def train_split(
             raise CheckpointError(f"{group}: split {k} was being trained with --ensemble; resume it with --ensemble "
                                   "(or delete the file to start the split again)")
     out.mkdir(parents=True, exist_ok=True)
-    train_idx, val_idx = data.split(k)
+    train_idx, select_idx, val_idx = data.training_parts(k, config.select_holdout)
     y = data.ltc.to(device)
     # copies: PyG's .to() moves in place, and the dataset's graphs must stay on the CPU for other uses
     graphs = [copy.copy(g).to(device) for g in data.graphs] if device.type != "cpu" else data.graphs
     val_graphs = [graphs[i] for i in val_idx]
+    select_graphs = [graphs[i] for i in select_idx]
     transform = TargetTransform.fit(data.ltc[train_idx])
 
     model = initial_model(config, k).to(device)
@@ -193,9 +199,13 @@ def train_split(
         val_loss = float(mape_loss(predict(model, val_graphs, transform, device), data.ltc[val_idx]))
         curve.append({"epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss, "lr": lr,
                       "seconds": time.perf_counter() - t0})
+        select_loss = val_loss
+        if config.select_holdout:
+            select_loss = float(mape_loss(predict(model, select_graphs, transform, device), data.ltc[select_idx]))
+            curve[-1]["select_loss"] = select_loss
         meta = dict(init=config.init, dataset=data.name, split=k, epoch=epoch)
-        if val_loss < best["val"]:
-            best = {"val": val_loss, "epoch": epoch}
+        if select_loss < best["val"]:
+            best = {"val": select_loss, "epoch": epoch}
             save_model(model, transform, out / "best.pt", selection="best", **meta)
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "curve": curve, "best": best}, state_path)

@@ -137,6 +137,8 @@ def describe(run: dict) -> str:
     cfg = run["config"]
     after = f" after `{Path(cfg['aflow_run']).name}`" if cfg.get("aflow_run") else ""
     clip = f", gradient clipped at {cfg['clip_grad_norm']:g}" if cfg.get("clip_grad_norm") else ""
+    if cfg.get("select_holdout"):
+        clip += f", best chosen on {cfg['select_holdout']:.0%} of the training part"
     return f"`{run['folder'].name}` ({cfg['epochs']} epochs{clip}{after})"
 
 
@@ -257,6 +259,7 @@ def main() -> None:
         cfg = run["config"]
         n_splits = len({r["split"] for r in run["results"]})
         clip = f" --clip-grad-norm {cfg['clip_grad_norm']:g}" if cfg.get("clip_grad_norm") else ""
+        clip += f" --select-holdout {cfg['select_holdout']:g}" if cfg.get("select_holdout") else ""
         lines += [f"### {run['name']}: `--init {cfg['init']} --dataset {cfg['dataset']}{clip}`, "
                   f"{cfg['epochs']} epochs, {n_splits} splits (`{run['folder'].name}`)", ""]
         lines += run_table(run) + ["", f"Wall time: {wall_time(run)}.", ""] + collapse_line(run)

@@ -149,6 +149,21 @@ def test_clipped_ensemble_matches_the_clipped_sequential_path(runs, workdir):
             torch.testing.assert_close(wb[name], value, rtol=1e-4, atol=1e-5, msg=f"split {k} {name}")
 
 
+def test_select_holdout_ensemble_matches_the_sequential_path(runs, workdir):
+    data = runs[0]
+    config = TrainConfig(init="rw", dataset="togo15", epochs=3, select_holdout=0.2)
+    for k in SPLITS:
+        assert train_split(data, k, config, workdir / "seq_holdout", CPU, progress=False)
+    assert train_splits_together(data, SPLITS, config, workdir / "ens_holdout", CPU, progress=False)
+    for k in SPLITS:
+        a, b = curve(workdir / "seq_holdout", k), curve(workdir / "ens_holdout", k)
+        assert len(a) == len(b) == 3
+        for ra, rb in zip(a, b):
+            for column in ("train_loss", "val_loss", "select_loss"):
+                assert float(rb[column]) == pytest.approx(float(ra[column]), rel=1e-5), (k, ra["epoch"], column)
+        assert checkpoint(workdir / "ens_holdout", k, "best")["epoch"] == checkpoint(workdir / "seq_holdout", k, "best")["epoch"]
+
+
 def test_vectorised_validation_matches_the_one_by_one_validation(runs):
     data = runs[0]
     config = TrainConfig(init="rw", dataset="togo15")

@@ -9,7 +9,7 @@ from paraisite.datasets import LTCDataset
 from paraisite.metrics import mape_loss, regression_metrics
 from paraisite.paper_scale import PaperScale
 from paraisite.report import PAPER_MAPE, paper_name, paper_value
-from paraisite.splits import nine_splits, split_indices, split_parts
+from paraisite.splits import holdout_parts, nine_splits, split_indices, split_parts
 from paraisite.transform import MAX_LOG10, TargetTransform
 
 
@@ -60,6 +60,24 @@ def test_splits_match_upstream_rule_and_are_disjoint():
     a, b = split_indices(3269, 4), split_indices(3269, 4)
     assert (a[0] == b[0]).all() and len(a[1]) == 654
     assert not np.array_equal(split_indices(95, 1)[1], split_indices(95, 2)[1])
+
+
+def test_holdout_takes_the_selection_part_from_the_training_part_only():
+    for k in (1, 5):
+        train, val = split_parts([95, 143], k)
+        fit, select, val2 = holdout_parts([95, 143], k, 0.1)
+        assert list(val2) == list(val)  # the validation part is the paper's
+        assert sorted(np.concatenate([fit, select])) == sorted(train) and not set(fit) & set(select)
+        assert len(select) == round(0.1 * 76) + round(0.1 * 114)  # per source: 8 of Togo15's 76, 11 of the 114
+        assert (select < 95).sum() == 8
+        fit_again, select_again, _ = holdout_parts([95, 143], k, 0.1)
+        assert list(fit_again) == list(fit) and list(select_again) == list(select)
+    assert not np.array_equal(holdout_parts([95], 1, 0.1)[1], holdout_parts([95], 2, 0.1)[1])
+    data = LTCDataset("t", [str(i) for i in range(95)], ["X"] * 95, torch.ones(95), [], [("togo15", 95)])
+    assert [list(a) for a in data.training_parts(3, None)] == [list(split_indices(95, 3)[0])] + [list(split_indices(95, 3)[1])] * 2
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            holdout_parts([95], 1, bad)
 
 
 def test_mix_is_split_per_source():

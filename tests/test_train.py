@@ -17,6 +17,7 @@ from paraisite import training
 from paraisite.checkpoint import load_model, save_model
 from paraisite.datasets import load_dataset
 from paraisite.model import ParAIsite
+from paraisite.splits import holdout_parts
 from paraisite.training import TrainConfig, initial_model
 from paraisite.transform import TargetTransform
 
@@ -127,6 +128,31 @@ def test_clipped_runs_get_folders_of_their_own(workdir, capsys):
     assert run_train("--init", "rw", "--dataset", "aflow_agl", "--epochs", "1", "--splits", "1,",
                      "--run-dir", "runs/rw_aflow_agl_clip10") == 2
     assert "clip_grad_norm: 10.0 there, None now" in capsys.readouterr().err
+
+
+def test_select_holdout_chooses_best_on_the_held_out_share_and_never_trains_on_it(workdir, shared, capsys):
+    """--select-holdout (not the paper's protocol): best.pt by the loss on a share of the training part."""
+    assert run_train("--init", "rw", "--dataset", "togo15", "--epochs", "4", "--splits", "2", "--select-holdout", "0.2") == 0
+    run = workdir / "runs" / "rw_togo15_holdout0.2"
+    assert json.loads((run / "config.json").read_text())["select_holdout"] == 0.2
+    z = np.log10(np.array([float(r["ltc"]) for r in csv.DictReader(open(shared / "data" / "togo15" / "labels.csv"))]) + 1)
+    picks = []
+    for k in (1, 2):
+        curve = list(csv.DictReader(open(run / f"split{k}" / "curve.csv")))
+        select = [float(r["select_loss"]) for r in curve]
+        val = [float(r["val_loss"]) for r in curve]
+        best = torch.load(run / f"split{k}" / "best.pt", weights_only=True)
+        assert best["epoch"] == 1 + int(np.argmin(select))
+        picks.append((int(np.argmin(select)), int(np.argmin(val))))
+        fit, held, _ = holdout_parts([95], k, 0.2)
+        _, transform, _ = load_model(run / f"split{k}" / "best.pt")
+        assert transform.mean == pytest.approx(z[fit].mean(), abs=1e-6)  # fitted on what it trains on, not on `held`
+    assert any(a != b for a, b in picks)  # the selection really differs from the paper's on these splits
+    summary = (run / "summary.md").read_text()
+    assert "20% of the training part, held out from training" in summary
+    capsys.readouterr()
+    assert run_train("--init", "rw", "--dataset", "togo15", "--epochs", "1", "--select-holdout", "1.5") == 2
+    assert "--select-holdout must be between 0 and 1" in capsys.readouterr().err
 
 
 def test_run_folder_of_other_aflow_models_is_refused(tmp_path):
