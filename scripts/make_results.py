@@ -137,9 +137,8 @@ def describe(run: dict) -> str:
     cfg = run["config"]
     after = f" after `{Path(cfg['aflow_run']).name}`" if cfg.get("aflow_run") else ""
     clip = f", gradient clipped at {cfg['clip_grad_norm']:g}" if cfg.get("clip_grad_norm") else ""
-    if cfg.get("select_holdout"):
-        clip += f", best chosen on {cfg['select_holdout']:.0%} of the training part"
-    return f"`{run['folder'].name}` ({cfg['epochs']} epochs{clip}{after})"
+    holdout = f"; best chosen on {cfg['select_holdout']:.0%} of the training part" if cfg.get("select_holdout") else ""
+    return f"`{run['folder'].name}` ({cfg['epochs']} epochs{clip}{after}{holdout})"
 
 
 def same_splits_tables(runs: list[dict]) -> list[str]:
