@@ -252,22 +252,26 @@ def evaluate_split(
 
 
 def check_run_config(run_dir: Path, config: TrainConfig) -> None:
-    """Write ``config.json`` on first use; refuse a folder that holds a run with other settings."""
+    """Write ``config.json`` on first use; refuse a folder that holds a run with other settings.
+
+    Processes that start on one new folder at once (one split each) may all
+    write it: each through a file of its own, and each then compares its
+    settings with the one that landed.
+    """
     path = run_dir / "config.json"
     current = config.to_dict()
     if current["aflow_run"]:
         current["aflow_run"] = os.path.normpath(current["aflow_run"])
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("aflow_run"):
-            stored["aflow_run"] = os.path.normpath(stored["aflow_run"])
-        # aflow_run too: +af models that started from other AFLOW models must not be taken as finished
-        diff = {key: (stored.get(key), value) for key, value in current.items() if stored.get(key) != value}
-        if diff:
-            shown = ", ".join(f"{key}: {a!r} there, {b!r} now" for key, (a, b) in diff.items())
-            raise ValueError(f"{run_dir} holds a run with other settings ({shown}); use another --run-dir or delete it")
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("config.json.tmp")
-    tmp.write_text(json.dumps(current, indent=2) + "\n")
-    os.replace(tmp, path)
+    if not path.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"config.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(current, indent=2) + "\n")
+        os.replace(tmp, path)
+    stored = json.loads(path.read_text())
+    if stored.get("aflow_run"):
+        stored["aflow_run"] = os.path.normpath(stored["aflow_run"])
+    # aflow_run too: +af models that started from other AFLOW models must not be taken as finished
+    diff = {key: (stored.get(key), value) for key, value in current.items() if stored.get(key) != value}
+    if diff:
+        shown = ", ".join(f"{key}: {a!r} there, {b!r} now" for key, (a, b) in diff.items())
+        raise ValueError(f"{run_dir} holds a run with other settings ({shown}); use another --run-dir or delete it")

@@ -155,6 +155,24 @@ def test_select_holdout_chooses_best_on_the_held_out_share_and_never_trains_on_i
     assert "--select-holdout must be between 0 and 1" in capsys.readouterr().err
 
 
+def test_processes_starting_one_new_run_folder_at_once_all_go_on(tmp_path, monkeypatch):
+    """Two lanes (one split each) on a fresh folder: both write config.json; neither loses the other's file."""
+    run, config = tmp_path / "fresh", TrainConfig(init="rw", dataset="togo15")
+    real_replace, pid = os.replace, [1000]
+    monkeypatch.setattr(training.os, "getpid", lambda: pid[0])
+
+    def replace(src, dst):
+        if pid[0] == 1000:  # the other process writes and renames its file just before this one renames its own
+            pid[0] = 2000
+            training.check_run_config(run, config)
+            pid[0] = 1000
+        real_replace(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", replace)
+    training.check_run_config(run, config)
+    assert json.loads((run / "config.json").read_text())["init"] == "rw" and not list(run.glob("*.tmp"))
+
+
 def test_run_folder_of_other_aflow_models_is_refused(tmp_path):
     run = tmp_path / "fe+af_togo15"
     training.check_run_config(run, TrainConfig(init="fe+af", aflow_run="runs/fe_aflow_agl_e30"))
