@@ -138,6 +138,7 @@ def train_split(
     (:meth:`LTCDataset.training_parts`: the validation part, as in the paper,
     or with ``config.select_holdout`` a share of the training part, which is
     then not trained on).
+
     ``deadline`` (a ``time.monotonic()`` value) ends the call after the first
     epoch that finishes past it, so the protocol can be run in pieces; returns
     True when the split is finished.
