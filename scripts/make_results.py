@@ -142,7 +142,11 @@ def describe(run: dict) -> str:
 
 
 def same_splits_tables(runs: list[dict]) -> list[str]:
-    """For each model with several runs: their validation MAPE split by split, on the splits they share."""
+    """For each model with several runs: their validation MAPE split by split, on the splits they share.
+
+    The runs with the most splits share one table; a run with fewer splits gets
+    a table of its own beside them, so that it does not cut theirs down.
+    """
     by_name: dict[str, list[dict]] = {}
     for run in runs:
         by_name.setdefault(run["name"], []).append(run)
@@ -150,24 +154,34 @@ def same_splits_tables(runs: list[dict]) -> list[str]:
     for name, group in by_name.items():
         if len(group) < 2:
             continue
-        mapes = [own_mape(r) for r in group]
-        common = sorted(set.intersection(*({k for k, _ in m} for m in mapes)))
-        if not common:
-            continue
-        dataset = COLUMN_NAMES.get(group[0]["config"]["dataset"], group[0]["config"]["dataset"])
-        lines += [f"### {name}, the same splits: " + " vs ".join(describe(r) for r in group), "",
-                  f"Validation MAPE on {dataset}, split by split (splits {', '.join(map(str, common))}).", ""]
-        heads = [f"{r['folder'].name} {sel}" for sel in ("best", "final") for r in group]
-        lines += ["| split | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
-        for k in common:
-            lines.append(f"| {k} | " + " | ".join(f"{m[(k, sel)]:.2f}" for sel in ("best", "final") for m in mapes) + " |")
-        cells = []
-        for sel in ("best", "final"):
-            for m in mapes:
-                v = np.array([m[(k, sel)] for k in common])
-                cells.append(f"{v.mean():.2f} ({v.std():.2f})")
-        lines += ["| mean (std) | " + " | ".join(cells) + " |", ""]
+        sizes = [len(own_mape(r)) for r in group]
+        full = [r for r, n in zip(group, sizes) if n == max(sizes)]
+        tables = ([full] if len(full) > 1 else []) + [
+            [r for r in group if r in full or r is partial] for partial, n in zip(group, sizes) if n < max(sizes)]
+        for table in tables:
+            lines += split_table(name, table)
     return lines
+
+
+def split_table(name: str, group: list[dict]) -> list[str]:
+    """One model's runs, validation MAPE split by split on the splits they all have."""
+    mapes = [own_mape(r) for r in group]
+    common = sorted(set.intersection(*({k for k, _ in m} for m in mapes)))
+    if not common:
+        return []
+    dataset = COLUMN_NAMES.get(group[0]["config"]["dataset"], group[0]["config"]["dataset"])
+    lines = [f"### {name}, the same splits: " + " vs ".join(describe(r) for r in group), "",
+             f"Validation MAPE on {dataset}, split by split (splits {', '.join(map(str, common))}).", ""]
+    heads = [f"{r['folder'].name} {sel}" for sel in ("best", "final") for r in group]
+    lines += ["| split | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for k in common:
+        lines.append(f"| {k} | " + " | ".join(f"{m[(k, sel)]:.2f}" for sel in ("best", "final") for m in mapes) + " |")
+    cells = []
+    for sel in ("best", "final"):
+        for m in mapes:
+            v = np.array([m[(k, sel)] for k in common])
+            cells.append(f"{v.mean():.2f} ({v.std():.2f})")
+    return lines + ["| mean (std) | " + " | ".join(cells) + " |", ""]
 
 
 def glance_table(runs: list[dict]) -> list[str]:

@@ -240,6 +240,19 @@ def test_make_results_builds_the_tables_from_run_folders(workdir, tmp_path):
     for k in ("1", "2"):
         cells = [first[(k, "best")], 2 * first[(k, "best")], first[(k, "final")], 2 * first[(k, "final")]]
         assert f"| {k} | " + " | ".join(f"{v:.2f}" for v in cells) + " |" in both
+    # a third run with split 1 alone gets a table of its own and does not cut the other two's down to split 1
+    one = tmp_path / "later" / "rw_togo15_one"
+    shutil.copytree(run, one)
+    shutil.rmtree(one / "split2")
+    write_scaled_results(run / "results.csv", one / "results.csv", factor=4, splits={"1"})
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_results.py"), "--runs", str(tmp_path / "docs" / "results"),
+                    str(tmp_path / "later"), "--out", str(again)], check=True, capture_output=True)
+    three = again.read_text().split("\n### ")
+    tables = {t.splitlines()[0]: t for t in three if t.startswith("RWTG15, the same splits")}
+    assert tables["RWTG15, the same splits: `rw_togo15` (2 epochs) vs `rw_togo15_again` (2 epochs)"].count("split by split (splits 1, 2)") == 1
+    assert "split by split (splits 1)" in tables[
+        "RWTG15, the same splits: `rw_togo15` (2 epochs) vs `rw_togo15_again` (2 epochs) vs `rw_togo15_one` (2 epochs)"]
+    shutil.rmtree(one)
 
     # Splits of one run trained on another machine (here split 2 again, tripled) merge with the copies, split by split.
     more = tmp_path / "more" / "rw_togo15"
