@@ -98,6 +98,10 @@ def validate_names(args: argparse.Namespace) -> list[str]:
             raise DatasetError(f"{flag} must be at least 1 (got {v})")
     if args.lr <= 0:
         raise DatasetError(f"--lr must be positive (got {args.lr})")
+    if args.clip_grad_norm is not None and not args.clip_grad_norm > 0:
+        raise DatasetError(f"--clip-grad-norm must be positive (got {args.clip_grad_norm})")
+    if args.select_holdout is not None and not 0 < args.select_holdout < 1:
+        raise DatasetError(f"--select-holdout must be between 0 and 1 (got {args.select_holdout})")
     return tests
 
 
@@ -207,10 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
             torch.cuda.set_device(device)  # kernels, streams and CUDA graphs of this process go to its own GPU
-        if args.clip_grad_norm is not None and not args.clip_grad_norm > 0:
-            raise ValueError(f"--clip-grad-norm must be positive (got {args.clip_grad_norm})")
-        if args.select_holdout is not None and not 0 < args.select_holdout < 1:
-            raise ValueError(f"--select-holdout must be between 0 and 1 (got {args.select_holdout})")
         suffix = f"_clip{args.clip_grad_norm:g}" if args.clip_grad_norm else ""  # never mixed with the paper's runs
         aflow_run = args.aflow_run or f"runs/{args.init.split('+')[0]}_aflow_agl{suffix}"
         config = TrainConfig(init=args.init, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,

@@ -67,10 +67,12 @@ uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -311,6 +313,14 @@ def train_step(net: StackedModel, optimizer: torch.optim.Optimizer, x: PaddedBat
     return losses.detach()
 
 
+@contextlib.contextmanager
+def _side_stream_warning_ignored() -> Iterator[None]:
+    """The recorded backward runs on make_graphed_callables' side stream, which autograd warns of; harmless here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream")
+        yield
+
+
 class CUDAGraphStep:
     r"""``train_step`` with its forward and backward recorded as CUDA graphs and replayed.
 
@@ -347,9 +357,7 @@ class CUDAGraphStep:
             z = net(batch)[:, : batch.num_real]
             return batched_mape(inverse_transform(z, mean, std), batch)
 
-        with warnings.catch_warnings(), torch.cuda.device(x.node_type.device):
-            # the recorded backward runs on a side stream; harmless here
-            warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream")
+        with _side_stream_warning_ignored(), torch.cuda.device(x.node_type.device):
             return torch.cuda.make_graphed_callables(losses, (*self.params, *self._inputs(x)))
 
     def __call__(self, optimizer: torch.optim.Optimizer, x: PaddedBatch, clip_grad_norm: float | None = None) -> Tensor:
@@ -359,8 +367,7 @@ class CUDAGraphStep:
             self.graphs[shape] = self._record(x)
         losses = self.graphs[shape](*self.params, *self._inputs(x))
         optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream")
+        with _side_stream_warning_ignored():
             losses.sum().backward()
         if clip_grad_norm:
             clip_members(self.params, clip_grad_norm)
@@ -506,6 +513,12 @@ def train_splits_together(
     shapes = padded_shapes(packed, config.batch_size) if graphed else None
     step = CUDAGraphStep(net, mean, std) if graphed else None
 
+    def losses_on(parts: tuple[np.ndarray, ...]) -> list[float]:
+        """Each split's MAPE on its own part (validation or selection): member by member on a CPU, vectorised else."""
+        if device.type == "cpu":
+            return validate_one_by_one(net, models, data, list(parts), transforms)
+        return validate(net, packed, list(parts), transforms)
+
     bar = tqdm(range(start + 1, config.epochs + 1), unit="epoch", initial=start, total=config.epochs,
                desc=f"{config.init} {data.name} splits {','.join(map(str, group))}", disable=not progress, leave=False)
     for epoch in bar:
@@ -522,12 +535,8 @@ def train_splits_together(
             total += losses.double() * x.count
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        if device.type == "cpu":
-            vals = validate_one_by_one(net, models, data, list(val_idx), transforms)
-            sels = validate_one_by_one(net, models, data, list(select_idx), transforms) if config.select_holdout else vals
-        else:
-            vals = validate(net, packed, list(val_idx), transforms)
-            sels = validate(net, packed, list(select_idx), transforms) if config.select_holdout else vals
+        vals = losses_on(val_idx)
+        sels = losses_on(select_idx) if config.select_holdout else vals
         train_loss = (total / n_train).tolist()
         seconds = (time.perf_counter() - t0) / M  # each split's share of the ensemble epoch
         for m, k in enumerate(group):

@@ -155,11 +155,10 @@ def same_splits_tables(runs: list[dict]) -> list[str]:
         if len(group) < 2:
             continue
         sizes = [len(own_mape(r)) for r in group]
-        full = [r for r, n in zip(group, sizes) if n == max(sizes)]
-        tables = ([full] if len(full) > 1 else []) + [
-            [r for r in group if r in full or r is partial] for partial, n in zip(group, sizes) if n < max(sizes)]
+        full = {i for i, n in enumerate(sizes) if n == max(sizes)}
+        tables = ([full] if len(full) > 1 else []) + [full | {i} for i, n in enumerate(sizes) if n < max(sizes)]
         for table in tables:
-            lines += split_table(name, table)
+            lines += split_table(name, [group[i] for i in sorted(table)])
     return lines
 
 
