@@ -14,10 +14,9 @@ Re-running the same command after an interruption continues where it stopped;
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -25,10 +24,15 @@ import torch
 from megnet_pt.cache import CacheError, GraphCache, default_cache_path, ensure_cache
 from megnet_pt.checkpoint import CheckpointError
 from megnet_pt.elements import ELEMENTS
-from megnet_pt.predict import resolve_device
-from paraisite.ensemble import SELECTIONS, StackedEform, load_ensemble
+from paraisite.ensemble import load_ensemble
+from paraisite.fused import FusedEform
+from paraisite.model import published_megnet
+from paraisite.processes import distributed, process_device
 from paraisite.report import paper_name
-from paraisite.screening import ScanError, record_run, run_scan, summarize, training_domain, write_summary
+from paraisite.rundir import SELECTIONS
+from paraisite.scan_files import ScanError, record_run
+from paraisite.scan_summary import summarize, write_summary
+from paraisite.screening import run_scan, training_domain
 
 DEFAULT_MODELS = "runs/fe+af_togo15"
 
@@ -77,14 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", timeout=timedelta(days=7))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def is_cache(inputs: list[str]) -> bool:
     return len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".h5", ".hdf5") and not Path(inputs[0]).is_dir()
 
@@ -108,26 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.top < 0 or (args.batch_size is not None and args.batch_size < 1):
             raise ValueError("--top must be >= 0 and --batch-size >= 1")
-        device = resolve_device(args.device)
+        device = process_device(args.device, world, local_rank)
         if args.threads:
             torch.set_num_threads(args.threads)
-        if device.type == "cuda" and world > 1:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-            torch.cuda.set_device(device)  # kernels, streams and CUDA graphs of this process go to its own GPU
         batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
         ensemble = load_ensemble(args.models, args.selection, method=args.method)
         info = ensemble.info
         eform = None
         if args.with_eform:
-            from megnet_pt.pretrained import load_pretrained
-
             # Rank 0 first: a first use converts the published weights into ./weights, once.
             if rank == 0:
-                eform = StackedEform(load_pretrained())
+                eform = FusedEform(published_megnet())
             if world > 1:
                 torch.distributed.barrier()
             if rank != 0:
-                eform = StackedEform(load_pretrained())
+                eform = FusedEform(published_megnet())
             if eform.cutoff != ensemble.cutoff:
                 raise CheckpointError(f"the formation-energy model uses cutoff {eform.cutoff:g} Å, the run {ensemble.cutoff:g} Å")
         cache = open_cache(args, ensemble.cutoff, rank, world)

@@ -15,25 +15,16 @@ arguments resumes an interrupted run and skips finished splits.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
-import torch
-
 from megnet_pt.checkpoint import CheckpointError
-from megnet_pt.predict import resolve_device
-from paraisite.datasets import NAMES, DatasetError, LTCDataset, dataset_folder, load_dataset, read_labels
-from paraisite.paper_scale import PaperScale
-from paraisite.ensemble_training import train_splits_together
-from paraisite.report import collapsed, paper_name, plot_curves, plot_parity, read_csv, summary_markdown, write_csv
-from paraisite.training import (
-    INITS, TrainConfig, aflow_checkpoint, aflow_stage_done, check_aflow_checkpoint, check_run_config, evaluate_split,
-    split_dir, train_split,
-)
+from paraisite.datasets import NAMES, DatasetError
+from paraisite.processes import barrier, distributed, process_device
+from paraisite.protocol import Plan, check_given_aflow_run, describe_start, finish_distributed, run_protocol
+from paraisite.rundir import RunDir
+from paraisite.training import INITS, TrainConfig
 
 
 def parse_splits(text: str) -> list[int]:
@@ -71,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: runs/fe_aflow_agl or runs/rw_aflow_agl, _clip<C> likewise; trained there first when missing)")
     p.add_argument("--clip-grad-norm", type=float, default=None, metavar="C",
                    help="not in the paper: clip each step's gradient to L2 norm C (both stages of fe+af/rw+af); 10 keeps "
-                   "the AFLOW stage from collapsing (README.md: Training). Default folders get a suffix _clip<C>")
+                   "the AFLOW stage from collapsing (docs/training.md). Default folders get a suffix _clip<C>")
     p.add_argument("--select-holdout", type=float, default=None, metavar="H",
                    help="not in the paper: choose best.pt on a share H (e.g. 0.1) of each split's training part, held out "
                    "from training, instead of on the validation part it is scored on (an honest early stopping; the "
@@ -105,152 +96,41 @@ def validate_names(args: argparse.Namespace) -> list[str]:
     return tests
 
 
-def distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", timeout=timedelta(days=7))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def hardware(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    return f"Hardware: {name}; torch {torch.__version__}."
-
-
-def write_reports(run_dir: Path, config: TrainConfig, device: torch.device) -> None:
-    """results.csv, predictions.csv, summary.md and plots from every finished split of the run."""
-    splits = sorted(int(d.name[5:]) for d in run_dir.glob("split*") if (d / "results.csv").is_file())
-    results, predictions, curves = [], [], {}
-    for k in splits:
-        d = split_dir(run_dir, k)
-        results += read_csv(d / "results.csv")
-        predictions += read_csv(d / "predictions.csv")
-        curves[k] = read_csv(d / "curve.csv")
-    write_csv(run_dir / "results.csv", results)
-    write_csv(run_dir / "predictions.csv", predictions)
-    summary = summary_markdown(results, config.init, config.dataset, hardware(device), config.select_holdout)
-    (run_dir / "summary.md").write_text(summary + "\n")
-    name = paper_name(config.init, config.dataset)
-    plot_curves(curves, run_dir / "curves.png", f"{name}: MAPE per epoch")
-    own = [r for r in predictions if r["test_dataset"] == config.dataset]
-    plot_parity(own, run_dir / "parity.png", f"{name}: validation, {len(splits)} split(s)")
-
-
-def run(config: TrainConfig, splits: list[int], run_dir: Path, tests: list[str], device: torch.device,
-        deadline: float | None, progress: bool, rank: int = 0, world: int = 1, report: bool = True,
-        ensemble: bool = False, cuda_graphs: bool = True) -> bool:
-    """Train and evaluate ``splits`` (this process's share under torchrun); True when all are done."""
-    mine = splits[rank::world]
-    aflow_run = Path(config.aflow_run) if config.init in ("fe+af", "rw+af") else None
-    stage = TrainConfig(init=config.init.split("+")[0], dataset="aflow_agl", epochs=config.epochs,
-                        batch_size=config.batch_size, lr=config.lr, seed=config.seed, cutoff=config.cutoff,
-                        clip_grad_norm=config.clip_grad_norm)
-    needs_stage = aflow_run is not None and any(not aflow_stage_done(aflow_run, k) for k in splits)
-
-    def prepare() -> dict[str, LTCDataset]:
-        check_run_config(run_dir, config)
-        if needs_stage:
-            check_run_config(aflow_run, stage)
-            load_dataset("aflow_agl", cutoff=config.cutoff, progress=progress)  # builds its graph cache once, before the ranks need it
-        return {name: load_dataset(name, cutoff=config.cutoff, progress=progress) for name in dict.fromkeys([config.dataset, *tests])}
-
-    # Under torchrun, rank 0 writes config.json and builds the graph caches; the others then only read them.
-    datasets = prepare() if rank == 0 else {}
-    barrier(world)
-    if rank != 0:
-        datasets = prepare()
-    if aflow_run is not None:
-        missing = [k for k in mine if not aflow_stage_done(aflow_run, k)]  # never started or interrupted: trained or resumed below
-        for k in sorted(set(mine) - set(missing)):
-            check_aflow_checkpoint(aflow_checkpoint(aflow_run, k), config.init, k, config.cutoff)
-        if missing:
-            print(f"AFLOW stage of split(s) {missing} not finished in {aflow_run}: training it first ({stage.init}, aflow_agl)", file=sys.stderr)
-            if not run(stage, missing, aflow_run, [], device, deadline, progress, report=world == 1, ensemble=ensemble,
-                       cuda_graphs=cuda_graphs):
-                return False
-    data = datasets[config.dataset]
-    # the module of a +af model carries AFLOW's scaler upstream (paraisite/paper_scale.py); float32, as LTCDataset.ltc
-    aflow_ltc = (torch.tensor(read_labels(dataset_folder("aflow_agl") / "labels.csv")[2], dtype=torch.float32)
-                 if aflow_run is not None else None)
-    paper_scale = PaperScale.for_run(config.init, data, aflow_ltc)
-    # the ensemble writes every split's final.pt; train_split below then only finds them done
-    if ensemble and not train_splits_together(data, mine, config, run_dir, device, deadline, progress, cuda_graphs):
-        return False
-    finished = True
-    for k in mine:
-        d = split_dir(run_dir, k)
-        if not (d / "results.csv").is_file() or not set(datasets) <= {r["test_dataset"] for r in read_csv(d / "results.csv")}:
-            if not train_split(data, k, config, run_dir, device, deadline, progress):
-                finished = False
-                break
-            rows, preds = evaluate_split(k, run_dir, datasets, device, paper_scale)
-            for r in collapsed(rows, config.dataset):
-                print(f"warning: {d}/{r['selection']}.pt (epoch {r['epoch']}) collapsed: {float(r['share_nonpositive']):.0%} "
-                      f"of its {config.dataset} validation predictions are <= 0 W/m/K (README.md: Training)", file=sys.stderr)
-            write_csv(d / "predictions.csv", preds)
-            write_csv(d / "results.csv", rows)
-    if world == 1 and all((split_dir(run_dir, k) / "results.csv").is_file() for k in splits):
-        if report:
-            write_reports(run_dir, config, device)
-        return True
-    return finished
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         tests = validate_names(args)
         rank, world, local_rank = distributed()
-        device = resolve_device(args.device)
-        if device.type == "cuda" and world > 1:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-            torch.cuda.set_device(device)  # kernels, streams and CUDA graphs of this process go to its own GPU
-        suffix = f"_clip{args.clip_grad_norm:g}" if args.clip_grad_norm else ""  # never mixed with the paper's runs
-        aflow_run = args.aflow_run or f"runs/{args.init.split('+')[0]}_aflow_agl{suffix}"
+        device = process_device(args.device, world, local_rank)
+        aflow_run = args.aflow_run or str(RunDir.default_aflow(args.init, args.clip_grad_norm))
         config = TrainConfig(init=args.init, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                              lr=args.lr, seed=args.seed, aflow_run=aflow_run if "+af" in args.init else None,
                              clip_grad_norm=args.clip_grad_norm, select_holdout=args.select_holdout)
-        suffix += f"_holdout{args.select_holdout:g}" if args.select_holdout else ""
-        if "+af" in args.init and args.aflow_run and not all(aflow_stage_done(Path(aflow_run), k) for k in args.splits):
-            gone = [k for k in args.splits if not aflow_checkpoint(Path(aflow_run), k).is_file()]
-            unfinished = [k for k in args.splits if k not in gone and not aflow_stage_done(Path(aflow_run), k)]
-            if gone:
-                raise CheckpointError(f"--aflow-run {aflow_run}: no AFLOW model for split(s) {gone} (expected {aflow_checkpoint(Path(aflow_run), gone[0])})")
-            raise CheckpointError(f"--aflow-run {aflow_run}: the AFLOW stage of split(s) {unfinished} is unfinished (best.pt but no "
-                                  f"final.pt); finish it first (python train.py --init {args.init.split('+')[0]} --dataset aflow_agl "
-                                  f"--run-dir {aflow_run} with its --epochs), or leave out --aflow-run to have it trained here")
-        run_dir = Path(args.run_dir or f"runs/{args.init}_{Path(args.dataset).name}{suffix}")
+        if "+af" in args.init and args.aflow_run:
+            check_given_aflow_run(config, args.splits)
+        run = RunDir(args.run_dir) if args.run_dir else RunDir.default(args.init, args.dataset, args.clip_grad_norm,
+                                                                          args.select_holdout)
         deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
+        plan = Plan(args.splits, run, tests, device, args.ensemble, not args.no_cuda_graphs, deadline,
+                    not args.no_progress, rank, world)
         if rank == 0:
-            print(f"{paper_name(args.init, Path(args.dataset).name)}: split(s) {','.join(map(str, args.splits))} "
-                  f"of {args.dataset} into {run_dir}", file=sys.stderr)
+            print(describe_start(config, plan), file=sys.stderr)
             if device.type == "cuda" and not args.ensemble and len(args.splits) > world:
                 print("note: on CUDA, --ensemble trains the splits together and is several times faster "
-                      "(README.md: Training)", file=sys.stderr)
-        done = run(config, args.splits, run_dir, tests, device, deadline, not args.no_progress, rank, world,
-                   ensemble=args.ensemble, cuda_graphs=not args.no_cuda_graphs)
+                      "(docs/performance.md)", file=sys.stderr)
+        done = run_protocol(config, plan)
         barrier(world)
         if world > 1 and rank == 0:
-            done = all((split_dir(run_dir, k) / "results.csv").is_file() for k in args.splits)
-            if done:
-                write_reports(run_dir, config, device)
-                if config.aflow_run and Path(config.aflow_run).is_dir():
-                    write_reports(Path(config.aflow_run), TrainConfig(init=config.init.split("+")[0], dataset="aflow_agl"), device)
+            done = finish_distributed(config, plan)
     except (DatasetError, CheckpointError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if rank == 0:
         if done:
-            print(f"done: {run_dir}/summary.md")
-            print((run_dir / "summary.md").read_text())
+            print(f"done: {run}/summary.md")
+            print((run.path / "summary.md").read_text())
         else:
-            print(f"stopped before the end (time limit); run the same command again to resume {run_dir}")
+            print(f"stopped before the end (time limit); run the same command again to resume {run}")
     return 0
 
 

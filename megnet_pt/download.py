@@ -6,7 +6,7 @@ default it is fetched from GitHub's raw-file server,
 
     https://raw.githubusercontent.com/<owner>/<repo>/<commit>/<path>
 
-and a base URL (``PARAISITE_BASE_URL`` or a ``--base-url`` flag) replaces that
+and a base URL (``MEGNET_PT_BASE_URL``, or an argument) replaces that
 with a mirror laid out as ``<base>/<repository folder>/<path>``: another web
 server, or a local folder given as a ``file://`` URL or a plain path.
 
@@ -16,7 +16,7 @@ its final name is always complete and verified; a file already there with the
 right sha256 is reused without touching the network.
 
 ``fetch_published_weights`` uses it to put the published MEGNet weights of the
-matgl repository into ``$PARAISITE_HOME/weights/<name>/`` (see ``paths``).
+matgl repository into ``$MEGNET_PT_HOME/weights/<name>/`` (see ``paths``), or a folder the caller names.
 """
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ from pathlib import Path
 
 from . import paths
 
-BASE_URL_ENV = "PARAISITE_BASE_URL"
+BASE_URL_ENV = "MEGNET_PT_BASE_URL"
 GITHUB_RAW = "https://raw.githubusercontent.com"
 TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
-_USER_AGENT = "paraisite-pt/0.1 (Python urllib)"
+_USER_AGENT = "megnet_pt/0.1 (Python urllib)"
 
 
 def _current_umask() -> int:
@@ -88,13 +88,13 @@ class Repository:
         return f"{base_url.rstrip('/')}/{self.folder}/{quoted}"
 
 
-def resolve_base_url(base_url: str | os.PathLike | None = None) -> str | None:
-    """The mirror to download from: the argument, else ``$PARAISITE_BASE_URL``, else None (GitHub).
+def resolve_base_url(base_url: str | os.PathLike | None = None, env_var: str = BASE_URL_ENV) -> str | None:
+    """The mirror to download from: the argument, else ``$<env_var>``, else None (GitHub).
 
     A value without a URL scheme is taken as a local folder and turned into a
     ``file://`` URL, so ``--base-url ../shared/upstream`` works as written.
     """
-    value = os.fspath(base_url) if base_url is not None else os.environ.get(BASE_URL_ENV, "")
+    value = os.fspath(base_url) if base_url is not None else os.environ.get(env_var, "")
     value = value.strip()
     if not value:
         return None
@@ -112,22 +112,19 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _what_to_do(url: str) -> str:
+def default_advice() -> str:
+    """What megnet_pt's own users can do when a download fails."""
+    return (f"set ${BASE_URL_ENV} to a mirror laid out as <base>/<repository folder>/<path in repository>, or set "
+            f"${paths.ENV_VAR} to a folder that already holds weights/<model>/state.pt + model.json (now {paths.home()})")
+
+
+def _what_to_do(url: str, advice: str | None) -> str:
     if url.startswith("file:"):
-        where = (
-            "The mirror has no such file: check that the base URL "
-            f"(--base-url or ${BASE_URL_ENV}) names a folder laid out as "
-            "<base>/<repository folder>/<path in repository>"
-        )
+        where = ("The mirror has no such file: check that the base URL names a folder laid out as "
+                 "<base>/<repository folder>/<path in repository>")
     else:
-        where = (
-            "This machine may be offline, or the server unreachable. Connect to the internet and run "
-            f"again, or set ${BASE_URL_ENV} (or --base-url) to a mirror of the upstream files"
-        )
-    return (
-        f"{where}, or set ${paths.ENV_VAR} to a folder that already holds the data and weights "
-        f"(data/<dataset>/labels.csv + cif/, weights/<model>/state.pt + model.json; now {paths.home()})."
-    )
+        where = "This machine may be offline, or the server unreachable. Connect to the internet and run again"
+    return f"{where}; or {advice or default_advice()}."
 
 
 def _remove(path: str | Path) -> None:
@@ -137,7 +134,7 @@ def _remove(path: str | Path) -> None:
         pass
 
 
-def _attempt(url: str, dest: Path, sha256: str, timeout: float) -> None:
+def _attempt(url: str, dest: Path, sha256: str, timeout: float, advice: str | None) -> None:
     """One download of ``url`` to a temporary file, verified, then renamed to ``dest``."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
@@ -148,20 +145,20 @@ def _attempt(url: str, dest: Path, sha256: str, timeout: float) -> None:
                 response = urllib.request.urlopen(request, timeout=timeout)
             except urllib.error.HTTPError as exc:
                 raise DownloadError(
-                    f"cannot download {url}: the server answered HTTP {exc.code} {exc.reason}. {_what_to_do(url)}",
+                    f"cannot download {url}: the server answered HTTP {exc.code} {exc.reason}. {_what_to_do(url, advice)}",
                     transient=exc.code == 429 or exc.code >= 500,
                 ) from exc
             except urllib.error.URLError as exc:
-                raise DownloadError(f"cannot download {url}: {exc.reason}. {_what_to_do(url)}") from exc
+                raise DownloadError(f"cannot download {url}: {exc.reason}. {_what_to_do(url, advice)}") from exc
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                raise DownloadError(f"cannot download {url}: {exc}. {_what_to_do(url)}") from exc
+                raise DownloadError(f"cannot download {url}: {exc}. {_what_to_do(url, advice)}") from exc
             with response:
                 while True:
                     try:
                         chunk = response.read(_CHUNK)
                     except (OSError, http.client.HTTPException) as exc:
                         raise DownloadError(
-                            f"the download of {url} was interrupted after {size} bytes ({exc!r}). {_what_to_do(url)}",
+                            f"the download of {url} was interrupted after {size} bytes ({exc!r}). {_what_to_do(url, advice)}",
                             transient=True,
                         ) from exc
                     if not chunk:
@@ -175,8 +172,7 @@ def _attempt(url: str, dest: Path, sha256: str, timeout: float) -> None:
                 f"checksum mismatch for {url}: expected sha256 {sha256}, got {got} ({size} bytes); "
                 f"nothing was saved to {dest}. The source or mirror does not hold the pinned file "
                 f"(it changed, or the transfer was corrupted): run again, use a mirror that holds the pinned "
-                f"files (--base-url or ${BASE_URL_ENV}), or set ${paths.ENV_VAR} to a folder that already "
-                "holds the data."
+                f"files, or {advice or default_advice()}."
             )
         os.chmod(tmp, 0o666 & ~UMASK)  # temporary files are private; the cache is not
         os.replace(tmp, dest)
@@ -185,7 +181,8 @@ def _attempt(url: str, dest: Path, sha256: str, timeout: float) -> None:
         raise
 
 
-def download(url: str, dest: str | Path, sha256: str, timeout: float = TIMEOUT_S, retries: int = 2) -> Path:
+def download(url: str, dest: str | Path, sha256: str, timeout: float = TIMEOUT_S, retries: int = 2,
+             advice: str | None = None) -> Path:
     """Put the file at ``url`` at ``dest``, checked against ``sha256``; return ``dest``.
 
     Reuses ``dest`` when it already holds the right bytes. Otherwise the file is
@@ -194,7 +191,8 @@ def download(url: str, dest: str | Path, sha256: str, timeout: float = TIMEOUT_S
     temporary file is removed and ``dest`` is left as it was. A transfer cut
     short, or a server answering 429 or 5xx, is tried again up to ``retries``
     times (after 1 s, 2 s, ...); an unreachable host fails at once. Raises
-    ``DownloadError`` or ``ChecksumError``, each naming the URL and what to do.
+    ``DownloadError`` or ``ChecksumError``, each naming the URL and what to do
+    (``advice``: the caller's own words for the last resort, e.g. its settings).
     """
     dest = Path(dest)
     sha256 = sha256.lower()
@@ -203,7 +201,7 @@ def download(url: str, dest: str | Path, sha256: str, timeout: float = TIMEOUT_S
     dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):
         try:
-            _attempt(url, dest, sha256, timeout)
+            _attempt(url, dest, sha256, timeout, advice)
             return dest
         except DownloadError as exc:
             if not exc.transient or attempt == retries:
@@ -213,7 +211,8 @@ def download(url: str, dest: str | Path, sha256: str, timeout: float = TIMEOUT_S
 
 
 def download_all(
-    files: Iterable[tuple[str, str | Path, str]], workers: int = 8, desc: str | None = None
+    files: Iterable[tuple[str, str | Path, str]], workers: int = 8, desc: str | None = None,
+    advice: str | None = None,
 ) -> list[Path]:
     """``download`` each ``(url, dest, sha256)``, a few at a time, with a progress bar.
 
@@ -225,7 +224,7 @@ def download_all(
 
     files = list(files)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(download, url, dest, sha) for url, dest, sha in files]
+        futures = [pool.submit(download, url, dest, sha, advice=advice) for url, dest, sha in files]
         try:
             done = []
             for future in tqdm(futures, desc=desc, unit="file", file=sys.stderr, leave=False, disable=not files):
@@ -258,18 +257,20 @@ def published_weights_urls(name: str, base_url: str | None = None) -> dict[str, 
     return {f: MATGL.url(f"pretrained_models/{name}/{f}", base) for f in PUBLISHED_WEIGHTS[name]}
 
 
-def fetch_published_weights(name: str = "MEGNet-MP-2018.6.1-Eform", base_url: str | None = None) -> Path:
-    """Make sure ``$PARAISITE_HOME/weights/<name>/{state.pt,model.json}`` hold the pinned files.
+def fetch_published_weights(name: str = "MEGNet-MP-2018.6.1-Eform", base_url: str | None = None,
+                            folder: str | Path | None = None, advice: str | None = None) -> Path:
+    """Make sure ``<folder>/{state.pt,model.json}`` hold the pinned files (default ``$MEGNET_PT_HOME/weights/<name>``).
 
     Files already there with the pinned sha256 are reused (no network);
     missing ones are downloaded from matgl at the pinned commit, or from the
-    mirror ``base_url`` (default ``$PARAISITE_BASE_URL``). Returns the folder.
+    mirror ``base_url`` (a URL or folder; None: ``$MEGNET_PT_BASE_URL``, else
+    GitHub). Returns the folder.
     """
-    folder = paths.weights_dir(name)
+    folder = Path(folder) if folder is not None else paths.weights_dir(name)
     for file, url in published_weights_urls(name, base_url).items():
         dest, sha = folder / file, PUBLISHED_WEIGHTS[name][file]
         if dest.is_file() and sha256_file(dest) == sha:
             continue
         print(f"downloading {url}", file=sys.stderr)
-        download(url, dest, sha)
+        download(url, dest, sha, advice=advice)
     return folder

@@ -1,35 +1,29 @@
-"""Where data and published weights are found: the one ``PARAISITE_HOME`` setting.
+"""Where megnet_pt finds published weights, and where it writes what it builds.
 
-``PARAISITE_HOME`` (default ``~/.cache/paraisite``) holds the inputs, laid out as
+``MEGNET_PT_HOME`` (default ``~/.cache/megnet_pt``) holds the published files:
 
-    $PARAISITE_HOME/data/<dataset>/labels.csv, cif/<id>.cif
-    $PARAISITE_HOME/weights/<model name>/state.pt, model.json
+    $MEGNET_PT_HOME/weights/<model name>/state.pt, model.json
 
-The folder may be read-only (tests point it at ``../shared``). Build outputs
-(converted checkpoints, graph caches, runs) are never written there: they go to
-the current project folder (``weights/``, ``data/``, ``runs/``) unless a path is
-given explicitly.
+The folder may be read-only. Build outputs (converted checkpoints, graph
+caches) are never written there: they go to the current folder (``weights/``,
+``data/``) unless a path is given. Code that embeds megnet_pt passes its own
+folders to ``load_pretrained`` instead of setting this variable.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-ENV_VAR = "PARAISITE_HOME"
+ENV_VAR = "MEGNET_PT_HOME"
 
 
 def home() -> Path:
-    """The folder that holds the input data and published weights."""
+    """The folder that holds the published weights."""
     value = os.environ.get(ENV_VAR)
     if value:
         return Path(value).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "paraisite"
-
-
-def data_dir(name: str | None = None) -> Path:
-    d = home() / "data"
-    return d / name if name else d
+    return Path(cache) / "megnet_pt"
 
 
 def weights_dir(name: str | None = None) -> Path:

@@ -4,10 +4,14 @@
 
 1. a converted checkpoint ``weights/<name>.pt`` (in the current folder) whose
    recorded source hashes still match the published files, if those are present;
-2. the published files ``$PARAISITE_HOME/weights/<name>/{state.pt,model.json}``,
-   converted on the fly and the result saved to ``weights/<name>.pt``;
-3. a download of the published files into ``$PARAISITE_HOME/weights/<name>/``
-   (see ``megnet_pt.download``), then step 2.
+2. the published files ``<published_dir>/{state.pt,model.json}`` (default
+   ``$MEGNET_PT_HOME/weights/<name>/``), converted on the fly and the result
+   saved to ``weights/<name>.pt``;
+3. a download of the published files into that folder (see
+   ``megnet_pt.download``), then step 2.
+
+The converted file always goes to ``weights_dir`` (default ``./weights``),
+never beside the published files, which may be read-only.
 """
 from __future__ import annotations
 
@@ -34,10 +38,16 @@ def _sources_match(checkpoint: Path, published: Path) -> bool:
     )
 
 
-def load_pretrained(name: str = DEFAULT_MODEL, weights_dir: str | Path | None = None, download: bool = True) -> MEGNet:
-    """The published model ``name`` as a ``MEGNet`` in eval mode (see the module docstring)."""
+def load_pretrained(name: str = DEFAULT_MODEL, weights_dir: str | Path | None = None, download: bool = True,
+                    published_dir: str | Path | None = None, base_url: str | None = None,
+                    advice: str | None = None) -> MEGNet:
+    """The published model ``name`` as a ``MEGNet`` in eval mode (see the module docstring).
+
+    ``base_url`` and ``advice`` are passed to the download (a mirror, and what
+    to tell the user if it fails).
+    """
     checkpoint = converted_path(name, weights_dir)
-    published = paths.weights_dir(name)
+    published = Path(published_dir) if published_dir is not None else paths.weights_dir(name)
     have_published = (published / "state.pt").is_file() and (published / "model.json").is_file()
     if checkpoint.is_file():
         try:
@@ -50,11 +60,11 @@ def load_pretrained(name: str = DEFAULT_MODEL, weights_dir: str | Path | None = 
         if not download:
             raise CheckpointError(
                 f"published weights {name!r} not found in {published} and no converted checkpoint at {checkpoint}; "
-                f"set {paths.ENV_VAR} to a folder holding weights/{name}/ or allow the download"
+                f"pass the folder of the published files, or allow the download"
             )
         from .download import fetch_published_weights
 
-        published = fetch_published_weights(name)
+        published = fetch_published_weights(name, base_url=base_url, folder=published, advice=advice)
     model, sources = convert_published(published)
     try:
         save_checkpoint(model, checkpoint, name, sources)

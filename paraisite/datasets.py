@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch_geometric.data import Data
 
-from megnet_pt import paths
+from megnet_pt import paths as megnet_paths
 from megnet_pt.cache import ensure_cache
 
+from . import paths
 from .splits import holdout_parts, split_parts
 
 SOURCES = ("togo15", "miyazaki21", "aflow_agl")
@@ -68,7 +69,7 @@ def dataset_folder(name: str) -> Path:
     if name in SOURCES:
         folder = paths.data_dir(name)
         if not (folder / "labels.csv").is_file():
-            from .data import ensure_dataset
+            from .sources import ensure_dataset
 
             folder = ensure_dataset(name)
         return folder
@@ -115,7 +116,7 @@ def load_source(name: str, cutoff: float = 4.0, cache_dir: str | Path | None = N
     folder = dataset_folder(name)
     ids, formulas, ltc = read_labels(folder / "labels.csv")
     label = name if name in SOURCES else Path(name).resolve().name
-    cache_path = Path(cache_dir or paths.local_data_dir()) / f"{label}_cutoff{cutoff:g}.h5"
+    cache_path = Path(cache_dir or megnet_paths.local_data_dir()) / f"{label}_cutoff{cutoff:g}.h5"
     cache = ensure_cache([folder], cache_path, cutoff=cutoff, progress=progress)
     position = {i: k for k, i in enumerate(cache.ids)}
     missing = [i for i in ids if i not in position]

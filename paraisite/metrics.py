@@ -8,9 +8,17 @@ import torch
 from torch import Tensor
 
 
-def mape_loss(y_pred: Tensor, y_true: Tensor, eps: float = 1e-8) -> Tensor:
-    r"""Mean absolute percentage error as a fraction: :math:`\frac1n\sum_i |y_i - \hat y_i| / \max(|y_i|, \epsilon)`."""
-    return ((y_true - y_pred).abs() / y_true.abs().clamp(min=eps)).mean()
+def mape_loss(y_pred: Tensor, y_true: Tensor, eps: float = 1e-8, mask: Tensor | None = None,
+              count: Tensor | None = None) -> Tensor:
+    r"""Mean absolute percentage error as a fraction: :math:`\frac1n\sum_i |y_i - \hat y_i| / \max(|y_i|, \epsilon)`.
+
+    With ``mask`` (1 for a real entry) and ``count`` (real entries per row) the
+    mean is taken per row over the real entries: one MAPE per stacked model.
+    """
+    error = (y_true - y_pred).abs() / y_true.abs().clamp(min=eps)
+    if mask is None:
+        return error.mean()
+    return (error * mask).sum(dim=-1) / count
 
 
 def regression_metrics(y_true, y_pred) -> dict[str, float]:

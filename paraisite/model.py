@@ -1,10 +1,23 @@
 """The ParAIsite model: MEGNet features followed by an MLP head."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
-from torch_geometric.data import Batch
+from torch_geometric.data import Batch, Data
 
 from megnet_pt import MEGNet
+from megnet_pt.pretrained import load_pretrained
+
+from . import paths
+from .transform import TargetTransform
+
+PRETRAINED = "MEGNet-MP-2018.6.1-Eform"
+
+
+def published_megnet(name: str = PRETRAINED) -> MEGNet:
+    """The published formation-energy MEGNet, from ``$PARAISITE_HOME/weights`` (fetched on first use)."""
+    return load_pretrained(name, published_dir=paths.weights_dir(name), base_url=paths.base_url(),
+                           advice=paths.download_advice())
 
 
 class LTCHead(nn.Sequential):
@@ -46,3 +59,15 @@ class ParAIsite(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         return self.head(self.features(batch)).squeeze(-1)
+
+
+@torch.no_grad()
+def predict(model: ParAIsite, graphs: list[Data], transform: TargetTransform, device: torch.device,
+            batch_size: int = 256) -> Tensor:
+    """LTC predictions (W/m/K) of ``model`` for ``graphs``, float32 on the CPU (back-transformed in float64)."""
+    model.eval()
+    out = []
+    for i in range(0, len(graphs), batch_size):
+        batch = Batch.from_data_list(graphs[i : i + batch_size]).to(device)
+        out.append(transform.inverse(model(batch).double()).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)

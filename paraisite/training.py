@@ -1,48 +1,53 @@
-"""Training one ParAIsite model per split, resumable epoch by epoch.
+"""Training ParAIsite models, one per split: one loop, whatever computes the step.
 
-The loop, for split k (training part T, validation part V):
+For each split k (training part T, selection part S, validation part V):
 
     transform = TargetTransform.fit(y[T])
     for epoch in 1..E:
         for each batch B of a shuffled T:    loss = MAPE(transform.inverse(model(B)), y[B]); Adam step
         cosine schedule step (T_max = 1000 epochs, eta_min = 1e-5)
-        val = MAPE over V; keep the weights of the lowest val (the paper's selection)
+        val = MAPE over V; keep the weights of the lowest MAPE over S as best.pt
 
-Everything a re-run needs is written after every epoch (``split<k>/state.pt``),
-so an interrupted run resumes from its last completed epoch and, on the CPU,
-ends with the same weights as an uninterrupted one: the shuffle of epoch e is
-drawn from a generator seeded with (seed, k, e), not from global state.
+S is V itself in the paper's protocol, or with ``select_holdout`` a share of
+T that is then not trained on (:meth:`LTCDataset.training_parts`).
+
+:func:`train` runs this loop for a group of splits at once: one split with a
+:class:`~paraisite.steps.PlainStep`, or M splits stacked into one model with a
+:class:`~paraisite.steps.StackedStep` (``stacked=True``, meant for a GPU).
+Everything else (shuffles, schedule, validation, selection, curves,
+checkpoints, the resume state, the time limit) is this one loop. The shuffle
+of epoch e of split k is drawn from a generator seeded with (seed, k, e), so
+the batches do not depend on the stepper, and an interrupted run resumes from
+its last completed epoch and, on the CPU, ends with the same weights as an
+uninterrupted one.
 """
 from __future__ import annotations
 
-import copy
-import json
-import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch_geometric.data import Batch, Data
 from tqdm import tqdm
 
 from megnet_pt import MEGNet
-from megnet_pt.checkpoint import CheckpointError
-from megnet_pt.pretrained import load_pretrained
+from megnet_pt.checkpoint import CheckpointError, atomic_save, load_plain
 
-from .checkpoint import atomic_save, load_model, read_model_checkpoint, save_model
+from .checkpoint import load_ltc_model, read_model_checkpoint, save_model
 from .datasets import LTCDataset
-from .metrics import mape_loss, regression_metrics
-from .model import ParAIsite
+from .model import ParAIsite, predict, published_megnet
 from .paper_scale import PaperScale
 from .report import write_csv
+from .metrics import regression_metrics
+from .rundir import RunDir
+from .steps import PlainStep, StackedStep
 from .transform import TargetTransform
 
 INITS = ("rw", "fe", "fe+af", "rw+af")
-PRETRAINED = "MEGNet-MP-2018.6.1-Eform"
 T_MAX = 1000
 ETA_MIN = 1e-5
+STATE_FORMAT = "paraisite.train_state"
+STATE_VERSION = 2
 
 
 @dataclass
@@ -63,29 +68,20 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def split_dir(run_dir: Path, k: int) -> Path:
-    return run_dir / f"split{k}"
-
-
-# --- models -----------------------------------------------------------------------------------
-
-def aflow_checkpoint(aflow_run: Path, k: int) -> Path:
-    """The AFLOW-stage model a +af run of split ``k`` starts from: its best epoch (the paper's selection)."""
-    return split_dir(aflow_run, k) / "best.pt"
+    def aflow_stage(self) -> "TrainConfig":
+        """The run a ``+af`` init starts from: the same settings on AFLOW AGL, with its own selection."""
+        return TrainConfig(init=self.init.split("+")[0], dataset="aflow_agl", epochs=self.epochs,
+                           batch_size=self.batch_size, lr=self.lr, seed=self.seed, cutoff=self.cutoff,
+                           clip_grad_norm=self.clip_grad_norm)
 
 
-def aflow_stage_done(aflow_run: Path, k: int) -> bool:
-    """Whether the AFLOW stage of split ``k`` has finished (``final.pt`` written).
+# --- the model a split starts from -----------------------------------------------------------
 
-    ``best.pt`` alone proves nothing: it is written whenever the validation
-    loss improves, so an interrupted stage has one long before its last epoch.
-    """
-    return (split_dir(aflow_run, k) / "final.pt").is_file() and aflow_checkpoint(aflow_run, k).is_file()
-
-
-def check_aflow_checkpoint(path: Path, init: str, k: int, cutoff: float) -> None:
-    """A clear error unless ``path`` is the AFLOW-stage model of split ``k`` for ``init``."""
+def check_aflow_checkpoint(aflow: RunDir, init: str, k: int, cutoff: float) -> None:
+    """A clear error unless split ``k`` of ``aflow`` holds the finished AFLOW-stage model ``init`` needs."""
+    path = aflow.checkpoint(k, "best")
+    if not aflow.finished(k):
+        raise CheckpointError(f"{aflow.split(k)}: the AFLOW stage of split {k} is unfinished (no final.pt); finish it first")
     meta = read_model_checkpoint(path)
     expected = {"dataset": "aflow_agl", "split": k, "init": init.split("+")[0]}
     wrong = [f"{key} is {meta.get(key)!r}, expected {value!r}" for key, value in expected.items() if meta.get(key) != value]
@@ -101,129 +97,155 @@ def initial_model(config: TrainConfig, k: int) -> ParAIsite:
     if config.init == "rw":
         return ParAIsite(MEGNet())
     if config.init == "fe":
-        return ParAIsite(load_pretrained(PRETRAINED))
+        return ParAIsite(published_megnet())
     if config.init in ("fe+af", "rw+af"):
-        path = aflow_checkpoint(Path(config.aflow_run), k)
-        if not aflow_stage_done(Path(config.aflow_run), k):
-            raise CheckpointError(f"{path.parent}: the AFLOW stage of split {k} is unfinished (no final.pt); finish it first")
-        check_aflow_checkpoint(path, config.init, k, config.cutoff)
-        return load_model(path)[0]
+        aflow = RunDir(config.aflow_run)
+        check_aflow_checkpoint(aflow, config.init, k, config.cutoff)
+        return load_ltc_model(aflow.checkpoint(k, "best"))[0]
     raise ValueError(f"unknown init {config.init!r}: expected one of {', '.join(INITS)}")
 
 
-# --- one split --------------------------------------------------------------------------------
+# --- the resume state ------------------------------------------------------------------------
 
-@torch.no_grad()
-def predict(model: ParAIsite, graphs: list[Data], transform: TargetTransform, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """LTC predictions (W/m/K) for ``graphs``, on the CPU."""
-    model.eval()
-    out = []
-    for i in range(0, len(graphs), batch_size):
-        batch = Batch.from_data_list(graphs[i : i + batch_size]).to(device)
-        out.append(transform.inverse(model(batch).double()).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-def _epoch_generator(seed: int, k: int, epoch: int) -> torch.Generator:
+def epoch_generator(seed: int, k: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + k * 10_007 + epoch)
 
 
-def train_split(
-    data: LTCDataset, k: int, config: TrainConfig, run_dir: Path, device: torch.device,
-    deadline: float | None = None, progress: bool = True,
-) -> bool:
-    """Train split ``k`` to ``config.epochs``, resuming from ``split<k>/state.pt``.
+def _load_state(path, group: list[int], dataset: str) -> dict:
+    try:
+        state = load_plain(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: cannot resume from it ({exc}); delete it to restart split(s) {group}") from exc
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{path}: not a resume state of this version ({STATE_FORMAT} v{STATE_VERSION}); "
+                              f"delete it to restart split(s) {group}")
+    if state.get("splits") != group or state.get("dataset") != dataset:
+        raise CheckpointError(f"{path}: resume state of split(s) {state.get('splits')} on {state.get('dataset')!r}, "
+                              f"not of split(s) {group} on {dataset!r}; delete it to restart")
+    return state
 
-    ``best.pt`` is the epoch with the lowest loss on the selection part
-    (:meth:`LTCDataset.training_parts`: the validation part, as in the paper,
-    or with ``config.select_holdout`` a share of the training part, which is
-    then not trained on).
 
-    ``deadline`` (a ``time.monotonic()`` value) ends the call after the first
-    epoch that finishes past it, so the protocol can be run in pieces; returns
-    True when the split is finished.
+def _find_state(run: RunDir, pending: list[int], epochs: int, dataset: str) -> tuple[list[int], dict | None]:
+    """The group to train (normally ``pending``) and its resume state, refusing states of other groups.
+
+    A complete state of a larger group whose other splits are finished is that
+    group killed while writing its final models: it is finished from there.
     """
-    out = split_dir(run_dir, k)
-    if (out / "final.pt").is_file():
-        return True
-    for group in run_dir.glob("ensemble_state_*.pt"):
-        if str(k) in group.stem.removeprefix("ensemble_state_").split("-"):
-            raise CheckpointError(f"{group}: split {k} was being trained with --ensemble; resume it with --ensemble "
-                                  "(or delete the file to start the split again)")
-    out.mkdir(parents=True, exist_ok=True)
-    train_idx, select_idx, val_idx = data.training_parts(k, config.select_holdout)
-    y = data.ltc.to(device)
-    # copies: PyG's .to() moves in place, and the dataset's graphs must stay on the CPU for other uses
-    graphs = [copy.copy(g).to(device) for g in data.graphs] if device.type != "cpu" else data.graphs
-    val_graphs = [graphs[i] for i in val_idx]
-    select_graphs = [graphs[i] for i in select_idx]
-    transform = TargetTransform.fit(data.ltc[train_idx])
+    for path, theirs in run.states():
+        if theirs == pending or not set(theirs) & set(pending):
+            continue
+        if set(pending) < set(theirs) and all(run.finished(k) for k in set(theirs) - set(pending)):
+            state = _load_state(path, theirs, dataset)
+            if len(state["curves"][theirs[0]]) == epochs:
+                return theirs, state
+        how, was = ("with --ensemble", "trained together") if len(theirs) > 1 else ("without --ensemble", "trained on its own")
+        raise CheckpointError(
+            f"{path}: resume state of split(s) {theirs} {was}, but split(s) {pending} are to be trained "
+            f"together now; run {how} --splits {','.join(map(str, theirs))}, to resume it, or delete it to restart")
+    path = run.state(pending)
+    return pending, (_load_state(path, pending, dataset) if path.is_file() else None)
 
-    model = initial_model(config, k).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel for all ~110 parameter tensors instead of a Python loop (3x faster step on CPU).
-    optimizer = torch.optim.Adam(params, lr=config.lr, eps=1e-8, fused=True)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=T_MAX, eta_min=ETA_MIN)
-    state_path = out / "state.pt"
-    curve: list[dict[str, float]] = []
-    best = {"val": float("inf"), "epoch": 0}
-    if state_path.is_file():
+
+# --- the loop --------------------------------------------------------------------------------
+
+def train(
+    data: LTCDataset, splits: list[int], config: TrainConfig, run: RunDir, device: torch.device,
+    stacked: bool = False, deadline: float | None = None, progress: bool = True, cuda_graphs: bool = True,
+) -> bool:
+    """Train ``splits`` of ``data`` to ``config.epochs`` into ``run`` (see the module docstring).
+
+    One split at a time, or with ``stacked`` all pending splits together.
+    Splits already finished are left alone; a resume state of another group
+    of splits is refused (``CheckpointError``). ``deadline`` (a
+    ``time.monotonic()`` value) ends the call after the first epoch that
+    finishes past it; returns True when every split is finished.
+    """
+    pending = [k for k in sorted(set(splits)) if not run.finished(k)]
+    for group in ([pending] if stacked and pending else [[k] for k in pending]):
+        if not _train_group(data, group, config, run, device, stacked, deadline, progress, cuda_graphs):
+            return False
+    return True
+
+
+def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run: RunDir, device: torch.device,
+                 stacked: bool, deadline: float | None, progress: bool, cuda_graphs: bool) -> bool:
+    group, state = _find_state(run, pending, config.epochs, data.name)
+    M = len(group)
+    train_idx, select_idx, val_idx = (list(p) for p in zip(*(data.training_parts(k, config.select_holdout) for k in group)))
+    n_train = len(train_idx[0])
+    if any(len(t) != n_train for t in train_idx):
+        raise ValueError(f"splits {group} of {data.name} have training parts of different sizes; train them one by one")
+    transforms = [TargetTransform.fit(data.ltc[t]) for t in train_idx]
+    models = [initial_model(config, k) for k in group]
+    if stacked:
+        stepper = StackedStep(models, transforms, data, device, config.lr, config.clip_grad_norm, config.batch_size,
+                              cuda_graphs)
+    else:
+        stepper = PlainStep(models, transforms, data, device, config.lr, config.clip_grad_norm)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(stepper.optimizer, T_max=T_MAX, eta_min=ETA_MIN)
+    curves: dict[int, list[dict[str, float]]] = {k: [] for k in group}
+    bests = {k: {"val": float("inf"), "epoch": 0} for k in group}
+    path = run.state(group)
+    if state is not None:
         try:
-            state = torch.load(state_path, map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            stepper.load_state(state["members"], state["param_group"])
             scheduler.load_state_dict(state["scheduler"])
-            curve, best = state["curve"], state["best"]
+            curves, bests = state["curves"], state["bests"]
         except Exception as exc:
-            raise CheckpointError(f"{state_path}: cannot resume from it ({type(exc).__name__}: {exc}); delete it to restart split {k}") from exc
-    start = len(curve)
+            raise CheckpointError(f"{path}: cannot resume from it ({type(exc).__name__}: {exc}); "
+                                  "delete it to restart") from exc
+    for k in group:
+        run.split(k).mkdir(parents=True, exist_ok=True)
+    start = len(curves[group[0]])
+    meta = dict(init=config.init, dataset=data.name)
 
-    bar = tqdm(range(start + 1, config.epochs + 1), desc=f"{config.init} {data.name} split {k}", unit="epoch",
-               initial=start, total=config.epochs, disable=not progress, leave=False)
+    name = f"split {group[0]}" if M == 1 else f"splits {','.join(map(str, group))}"
+    bar = tqdm(range(start + 1, config.epochs + 1), unit="epoch", initial=start, total=config.epochs,
+               desc=f"{config.init} {data.name} {name}", disable=not progress, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
-        model.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=_epoch_generator(config.seed, k, epoch)).numpy()]
-        total = 0.0
-        for i in range(0, len(order), config.batch_size):
-            idx = order[i : i + config.batch_size]
-            batch = Batch.from_data_list([graphs[j] for j in idx])
-            loss = mape_loss(transform.inverse(model(batch)), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
-            optimizer.step()
-            total += loss.item() * len(idx)
-        lr = optimizer.param_groups[0]["lr"]
+        orders = [t[torch.randperm(n_train, generator=epoch_generator(config.seed, k, epoch)).numpy()]
+                  for k, t in zip(group, train_idx)]
+        total = None
+        for i in range(0, n_train, config.batch_size):
+            summed = stepper.step([o[i : i + config.batch_size] for o in orders])
+            total = summed if total is None else total + summed
+        lr = stepper.optimizer.param_groups[0]["lr"]
         scheduler.step()
-        val_loss = float(mape_loss(predict(model, val_graphs, transform, device), data.ltc[val_idx]))
-        curve.append({"epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss, "lr": lr,
-                      "seconds": time.perf_counter() - t0})
-        select_loss = val_loss
-        if config.select_holdout:
-            select_loss = float(mape_loss(predict(model, select_graphs, transform, device), data.ltc[select_idx]))
-            curve[-1]["select_loss"] = select_loss
-        meta = dict(init=config.init, dataset=data.name, split=k, epoch=epoch)
-        if select_loss < best["val"]:
-            best = {"val": select_loss, "epoch": epoch}
-            save_model(model, transform, out / "best.pt", selection="best", **meta)
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "curve": curve, "best": best}, state_path)
-        write_csv(out / "curve.csv", curve)
-        bar.set_postfix(train=f"{curve[-1]['train_loss']:.3f}", val=f"{val_loss:.3f}", best=f"{best['val']:.3f}")
+        vals = stepper.losses(val_idx)
+        sels = stepper.losses(select_idx) if config.select_holdout else vals
+        train_loss = (total / n_train).tolist()
+        seconds = (time.perf_counter() - t0) / M  # each split's share of the epoch
+        for m, k in enumerate(group):
+            curves[k].append({"epoch": epoch, "train_loss": train_loss[m], "val_loss": vals[m], "lr": lr,
+                              "seconds": seconds} | ({"select_loss": sels[m]} if config.select_holdout else {}))
+            if sels[m] < bests[k]["val"]:
+                bests[k] = {"val": sels[m], "epoch": epoch}
+                save_model(stepper.member(m), transforms[m], run.checkpoint(k, "best"), selection="best", **meta,
+                           split=k, epoch=epoch)
+        members, param_group = stepper.state()
+        atomic_save({"format": STATE_FORMAT, "version": STATE_VERSION, "splits": group, "dataset": data.name,
+                     "members": members, "param_group": param_group, "scheduler": scheduler.state_dict(),
+                     "curves": curves, "bests": bests}, path)
+        for k in group:
+            write_csv(run.curve(k), curves[k])
+        bar.set_postfix(val=" ".join(f"{v:.3f}" for v in vals), best=" ".join(f"{bests[k]['val']:.3f}" for k in group))
         if deadline is not None and time.monotonic() > deadline and epoch < config.epochs:
             bar.close()
             return False
     bar.close()
-    save_model(model, transform, out / "final.pt", selection="final", init=config.init, dataset=data.name, split=k,
-               epoch=config.epochs)
-    state_path.unlink(missing_ok=True)
+    for m, k in enumerate(group):
+        if not run.checkpoint(k, "final").is_file():
+            save_model(stepper.member(m), transforms[m], run.checkpoint(k, "final"), selection="final", **meta,
+                       split=k, epoch=config.epochs)
+    path.unlink(missing_ok=True)
     return True
 
 
+# --- scoring a finished split ----------------------------------------------------------------
+
 def evaluate_split(
-    k: int, run_dir: Path, datasets: dict[str, LTCDataset], device: torch.device, paper_scale: PaperScale | None = None
+    k: int, run: RunDir, datasets: dict[str, LTCDataset], device: torch.device, paper_scale: PaperScale | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Score the best and final models of split ``k`` on each dataset's validation part of seed ``k``.
 
@@ -235,13 +257,12 @@ def evaluate_split(
     """
     rows, preds = [], []
     for selection in ("best", "final"):
-        model, transform, meta = load_model(split_dir(run_dir, k) / f"{selection}.pt")
+        model, transform, meta = load_ltc_model(run.checkpoint(k, selection))
         model.to(device)
         for name, data in datasets.items():
             _, val_idx = data.split(k)
-            graphs = [data.graphs[i] for i in val_idx]
             y_true = data.ltc[val_idx]
-            y_pred = predict(model, graphs, transform, device)
+            y_pred = predict(model, [data.graphs[i] for i in val_idx], transform, device)
             rows.append({"split": k, "selection": selection, "test_dataset": name, "epoch": meta["epoch"],
                          "n": len(val_idx), **regression_metrics(y_true.numpy(), y_pred.numpy()),
                          "mape_paper_scale": paper_scale.mape(data, val_idx, y_pred) if paper_scale else "",
@@ -250,29 +271,3 @@ def evaluate_split(
                        "formula": data.formulas[i], "ltc": float(t), "predicted": float(p)}
                       for i, t, p in zip(val_idx, y_true, y_pred)]
     return rows, preds
-
-
-def check_run_config(run_dir: Path, config: TrainConfig) -> None:
-    """Write ``config.json`` on first use; refuse a folder that holds a run with other settings.
-
-    Processes that start on one new folder at once (one split each) may all
-    write it: each through a file of its own, and each then compares its
-    settings with the one that landed.
-    """
-    path = run_dir / "config.json"
-    current = config.to_dict()
-    if current["aflow_run"]:
-        current["aflow_run"] = os.path.normpath(current["aflow_run"])
-    if not path.is_file():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"config.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(current, indent=2) + "\n")
-        os.replace(tmp, path)
-    stored = json.loads(path.read_text())
-    if stored.get("aflow_run"):
-        stored["aflow_run"] = os.path.normpath(stored["aflow_run"])
-    # aflow_run too: +af models that started from other AFLOW models must not be taken as finished
-    diff = {key: (stored.get(key), value) for key, value in current.items() if stored.get(key) != value}
-    if diff:
-        shown = ", ".join(f"{key}: {a!r} there, {b!r} now" for key, (a, b) in diff.items())
-        raise ValueError(f"{run_dir} holds a run with other settings ({shown}); use another --run-dir or delete it")

@@ -38,7 +38,13 @@ class TargetTransform:
         return (torch.log10(y + 1) - self.mean) / self.std
 
     def inverse(self, z: Tensor) -> Tensor:
-        return torch.pow(10.0, torch.clamp(z * self.std + self.mean, max=MAX_LOG10)) - 1
+        return inverse_transform(z, self.mean, self.std)
 
     def to_dict(self) -> dict[str, float]:
         return {"mean": self.mean, "std": self.std}
+
+
+def inverse_transform(z: Tensor, mean: float | Tensor, std: float | Tensor) -> Tensor:
+    r""":math:`y = 10^{\min(z\sigma + \mu,\ 6)} - 1`; ``mean``, ``std`` numbers, or tensors that broadcast
+    against ``z`` (one transform per model of a stack)."""
+    return torch.pow(10.0, torch.clamp(z * std + mean, max=MAX_LOG10)) - 1

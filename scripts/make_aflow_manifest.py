@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megnet_pt.download import sha256_file  # noqa: E402
-from paraisite import data  # noqa: E402
+from paraisite import sources as data  # noqa: E402
 
 
 def _pinned_file(mirror: Path, file: data.UpstreamFile) -> Path:

@@ -1,4 +1,7 @@
-"""Tests read the shared inputs through PARAISITE_HOME (default: ../shared beside the project)."""
+"""Tests read the shared inputs through PARAISITE_HOME (default: ../shared beside the project).
+
+megnet_pt's own tests find the published weights there too: MEGNET_PT_HOME has the same weights/ layout.
+"""
 import contextlib
 import os
 from collections.abc import Iterator
@@ -10,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # made absolute: several tests change the working folder, and PARAISITE_HOME=../shared must still point there
 SHARED = Path(os.environ.get("PARAISITE_HOME") or ROOT.parent / "shared").expanduser().resolve()
 os.environ["PARAISITE_HOME"] = str(SHARED)
+os.environ.setdefault("MEGNET_PT_HOME", str(SHARED))
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,8 @@ from pymatgen.io.cif import CifWriter
 from torch_geometric.data import Batch, Data
 from torch_geometric.loader import DataLoader as PyGDataLoader
 
-import megnet_pt.cache as cache_module
+import megnet_pt.cache.format as cache_format
+import megnet_pt.cache.writer as cache_module
 from megnet_pt.cache import CacheError, GraphCache, build_cache, describe, ensure_cache, main, read_progress
 from megnet_pt.elements import ELEMENTS
 from megnet_pt.graph import structure_to_graph
@@ -330,7 +331,7 @@ def test_inconsistent_arrays_and_ids_are_detected(built: dict[str, Path], tmp_pa
         ids = f["ids"].asstr()[:]
         ids[1] = ids[0]
         f["ids"][:] = ids
-        f.attrs["ids_sha256"] = cache_module._strings_sha256(list(ids))
+        f.attrs["ids_sha256"] = cache_format._strings_sha256(list(ids))
 
     def edited_id(f: h5py.File) -> None:
         f["ids"][0] = "mp-0"

@@ -21,8 +21,8 @@ from conftest import working_folder  # noqa: E402
 from megnet_pt import load_pretrained, structure_to_graph  # noqa: E402
 from megnet_pt.structures import read_structure  # noqa: E402
 from paraisite.datasets import load_dataset  # noqa: E402
-from paraisite.ensemble_training import train_splits_together  # noqa: E402
-from paraisite.training import TrainConfig, train_split  # noqa: E402
+from paraisite.rundir import RunDir  # noqa: E402
+from paraisite.training import TrainConfig, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,12 +61,11 @@ def runs(workdir):
     """Splits 1-2, fe init, 3 epochs: one by one on the CPU and on CUDA, and together on CUDA."""
     data = load_dataset("togo15")
     for device, name in ((CPU, "seq_cpu"), (CUDA, "seq_cuda")):
-        for k in SPLITS:
-            assert train_split(data, k, CONFIG, workdir / name, device, progress=False)
+        assert train(data, SPLITS, CONFIG, RunDir(workdir / name), device, progress=False)
     assert all(g.node_type.device == CPU for g in data.graphs)  # training on CUDA moved copies, not the dataset
-    assert train_splits_together(data, SPLITS, CONFIG, workdir / "ens_cuda", CUDA, progress=False)
-    assert train_splits_together(data, SPLITS, CONFIG, workdir / "ens_cuda_eager", CUDA, progress=False,
-                                 cuda_graphs=False)
+    assert train(data, SPLITS, CONFIG, RunDir(workdir / "ens_cuda"), CUDA, stacked=True, progress=False)
+    assert train(data, SPLITS, CONFIG, RunDir(workdir / "ens_cuda_eager"), CUDA, stacked=True, progress=False,
+                 cuda_graphs=False)
     return {name: workdir / name for name in ("seq_cpu", "seq_cuda", "ens_cuda", "ens_cuda_eager")}
 
 
@@ -115,9 +114,9 @@ def test_train_py_on_cuda_skips_finished_splits_and_scan_on_cuda_matches_cpu(wor
 def test_graphed_ensemble_resumes_where_it_stopped(runs, workdir):
     data = load_dataset("togo15")
     d = workdir / "ens_cuda_resumed"
-    assert not train_splits_together(data, SPLITS, CONFIG, d, CUDA, deadline=0.0, progress=False)  # stops after epoch 1
+    assert not train(data, SPLITS, CONFIG, RunDir(d), CUDA, stacked=True, deadline=0.0, progress=False)  # after epoch 1
     assert len(curve(d, 1)) == 1 and not (d / "split1" / "final.pt").exists()
-    assert train_splits_together(data, SPLITS, CONFIG, d, CUDA, progress=False)
+    assert train(data, SPLITS, CONFIG, RunDir(d), CUDA, stacked=True, progress=False)
     for k in SPLITS:
         for ra, rb in zip(curve(runs["ens_cuda"], k), curve(d, k), strict=True):
             for column in ("train_loss", "val_loss"):

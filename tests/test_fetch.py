@@ -28,7 +28,7 @@ import pytest
 from pymatgen.core import Structure
 
 from megnet_pt import download as dl
-from paraisite import data
+from paraisite import data, paths, sources
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "MEGNet-MP-2018.6.1-Eform"
@@ -49,9 +49,9 @@ def fetched(upstream: Path, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PARAISITE_HOME", str(home))
-        mp.delenv(dl.BASE_URL_ENV, raising=False)
-        folders = data.fetch(base_url=upstream.as_uri())
-        weights = dl.fetch_published_weights(base_url=upstream.as_uri())
+        mp.delenv(paths.BASE_URL_ENV, raising=False)
+        folders = sources.fetch(base_url=upstream.as_uri())
+        weights = sources.fetch_weights(base_url=upstream.as_uri())
         yield home, folders, weights
 
 
@@ -60,7 +60,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh, empty PARAISITE_HOME for one test."""
     folder = tmp_path / "home"
     monkeypatch.setenv("PARAISITE_HOME", str(folder))
-    monkeypatch.delenv(dl.BASE_URL_ENV, raising=False)
+    monkeypatch.delenv(paths.BASE_URL_ENV, raising=False)
     return folder
 
 
@@ -136,7 +136,7 @@ def test_manifest_is_what_the_script_makes(upstream: Path):
     spec = importlib.util.spec_from_file_location("make_aflow_manifest", ROOT / "scripts" / "make_aflow_manifest.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    committed = (ROOT / "paraisite" / data.MANIFEST).read_text()
+    committed = (ROOT / "paraisite" / sources.MANIFEST).read_text()
     assert script.make_manifest(upstream) == committed
     rows = list(csv.DictReader(committed.splitlines()))
     assert len(rows) == 5578 and sum(1 for r in rows if r["sha256"]) == ROWS["aflow_agl"]
@@ -150,30 +150,30 @@ def test_second_fetch_reuses(fetched, upstream: Path, shared: Path, monkeypatch:
     home, folders, weights = fetched
     monkeypatch.setattr(dl.urllib.request, "urlopen", no_network)
     before = {n: (f / "labels.csv").stat().st_ino for n, f in folders.items()}
-    assert data.fetch(base_url=upstream.as_uri()) == folders
-    assert data.fetch() == folders  # no base URL: still nothing to download
-    assert {n: data.ensure_dataset(n) for n in ROWS} == folders
+    assert sources.fetch(base_url=upstream.as_uri()) == folders
+    assert sources.fetch() == folders  # no base URL: still nothing to download
+    assert {n: sources.ensure_dataset(n) for n in ROWS} == folders
     assert {n: (f / "labels.csv").stat().st_ino for n, f in folders.items()} == before
-    assert dl.fetch_published_weights() == weights
+    assert sources.fetch_weights() == weights
     # --force rebuilds from the verified downloads, still without the network.
-    data.fetch(["togo15"], force=True)
+    sources.fetch(["togo15"], force=True)
     assert (folders["togo15"] / "labels.csv").stat().st_ino != before["togo15"]
     assert read_labels(folders["togo15"]) == read_labels(shared / "data" / "togo15")
     assert len(list((folders["togo15"] / "cif").iterdir())) == ROWS["togo15"]
 
 
 def test_ensure_dataset_fetches_only_what_is_asked(home: Path, upstream: Path):
-    folder = data.ensure_dataset("miyazaki21", base_url=str(upstream))  # a plain folder works as base URL
+    folder = sources.ensure_dataset("miyazaki21", base_url=str(upstream))  # a plain folder works as base URL
     assert folder == home / "data" / "miyazaki21"
     assert sorted(p.name for p in (home / "data").iterdir()) == ["miyazaki21"]
     assert all_files(home / "raw") == ["ParAIsite/main/src/structures_scalers/Dataset2.pkl"]
     with pytest.raises(ValueError, match="unknown dataset"):
-        data.ensure_dataset("nope")
+        sources.ensure_dataset("nope")
 
 
 def test_base_url_from_the_environment(home: Path, upstream: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(dl.BASE_URL_ENV, upstream.as_uri())
-    data.fetch(["togo15"])
+    monkeypatch.setenv(paths.BASE_URL_ENV, upstream.as_uri())
+    sources.fetch(["togo15"])
     assert len(read_labels(home / "data" / "togo15")) - 1 == ROWS["togo15"]
 
 
@@ -188,7 +188,7 @@ def test_checksum_mismatch_names_the_url_and_saves_nothing(home: Path, upstream:
     tampered.chmod(0o644)
     tampered.write_bytes(tampered.read_bytes().replace(b"MEGNet", b"MEGNeT", 1))
     with pytest.raises(dl.ChecksumError) as error:
-        dl.fetch_published_weights(base_url=mirror.as_uri())
+        sources.fetch_weights(base_url=mirror.as_uri())
     message = str(error.value)
     assert tampered.as_uri() in message
     assert dl.PUBLISHED_WEIGHTS[MODEL]["model.json"] in message
@@ -199,22 +199,22 @@ def test_checksum_mismatch_names_the_url_and_saves_nothing(home: Path, upstream:
 
 def test_checksum_mismatch_in_a_dataset_leaves_no_dataset(home: Path, upstream: Path, tmp_path: Path):
     mirror = tmp_path / "mirror"
-    pickle_path = mirror / "ParAIsite" / data.TOGO15_PICKLE.path
+    pickle_path = mirror / "ParAIsite" / sources.TOGO15_PICKLE.path
     pickle_path.parent.mkdir(parents=True)
-    pickle_path.write_bytes((upstream / "ParAIsite" / data.TOGO15_PICKLE.path).read_bytes()[:-10])  # truncated
+    pickle_path.write_bytes((upstream / "ParAIsite" / sources.TOGO15_PICKLE.path).read_bytes()[:-10])  # truncated
     with pytest.raises(dl.ChecksumError, match="Dataset1.pkl"):
-        data.fetch(["togo15"], base_url=mirror.as_uri())
+        sources.fetch(["togo15"], base_url=mirror.as_uri())
     assert all_files(home) == []
     assert not (home / "data" / "togo15").exists()
     with pytest.raises(dl.ChecksumError):  # and it is not mistaken for a dataset next time
-        data.ensure_dataset("togo15", base_url=mirror.as_uri())
+        sources.ensure_dataset("togo15", base_url=mirror.as_uri())
 
 
 def test_file_missing_from_the_mirror(home: Path, tmp_path: Path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(dl.DownloadError) as error:
-        dl.fetch_published_weights(base_url=empty.as_uri())
+        sources.fetch_weights(base_url=empty.as_uri())
     message = str(error.value)
     assert f"{empty.as_uri()}/matgl/pretrained_models/{MODEL}/" in message
     assert "PARAISITE_HOME" in message and "base URL" in message
@@ -227,14 +227,14 @@ def test_offline_names_the_github_url(home: Path, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(dl.urllib.request, "urlopen", offline)
     with pytest.raises(dl.DownloadError) as error:
-        data.fetch(["togo15"])
+        sources.fetch(["togo15"])
     message = str(error.value)
     url = (
         "https://raw.githubusercontent.com/liudakl/ParAIsite/cc0c1ff578cbed186ba930784db2909b0066a80e/"
         "main/src/structures_scalers/Dataset1.pkl"
     )
     assert url in message
-    assert "offline" in message and "PARAISITE_HOME" in message and dl.BASE_URL_ENV in message
+    assert "offline" in message and "PARAISITE_HOME" in message and paths.BASE_URL_ENV in message
     assert all_files(home) == []
 
 
@@ -317,7 +317,7 @@ def http_mirror(upstream: Path):
 
 
 def test_http_mirror(home: Path, http_mirror: str, shared: Path):
-    weights = dl.fetch_published_weights(base_url=http_mirror)
+    weights = sources.fetch_weights(base_url=http_mirror)
     for file in ("state.pt", "model.json"):
         assert (weights / file).read_bytes() == (shared / "weights" / MODEL / file).read_bytes()
     with pytest.raises(dl.DownloadError, match="HTTP 404") as error:
@@ -331,17 +331,17 @@ def test_http_mirror(home: Path, http_mirror: str, shared: Path):
 
 
 def test_default_urls_are_github_at_pinned_commits(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv(dl.BASE_URL_ENV, raising=False)
+    monkeypatch.delenv(paths.BASE_URL_ENV, raising=False)
     assert dl.resolve_base_url() is None
     assert dl.published_weights_urls(MODEL)["state.pt"] == (
         "https://raw.githubusercontent.com/materialsvirtuallab/matgl/e9cde2291acd0b4c4a342428e7dd5e4d596b7bf9/"
         f"pretrained_models/{MODEL}/state.pt"
     )
-    assert data.CRABNET_AGL_TABLES[0].url() == (
+    assert sources.CRABNET_AGL_TABLES[0].url() == (
         "https://raw.githubusercontent.com/anthony-wang/CrabNet/457b4d4835737ecbe4dd33e53174bd818bd82143/"
         "data/benchmark_data/aflow__agl_thermal_conductivity_300K/train.csv"
     )
-    assert data.TOGO15_PICKLE.url("https://mirror.example/up/") == (
+    assert sources.TOGO15_PICKLE.url("https://mirror.example/up/") == (
         "https://mirror.example/up/ParAIsite/main/src/structures_scalers/Dataset1.pkl"
     )
     with pytest.raises(ValueError, match="no published weights"):
@@ -357,7 +357,7 @@ def test_unpickler_refuses_other_classes(tmp_path: Path):
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(_Payload()))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        data.load_pickle(path)
+        sources.load_pickle(path)
 
 
 def test_help_explains(capsys: pytest.CaptureFixture):
@@ -370,7 +370,7 @@ def test_help_explains(capsys: pytest.CaptureFixture):
 
 def test_command_line_on_a_fresh_machine(upstream: Path, tmp_path: Path):
     """The README's command, in a new process with no cache and no ../shared in sight."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PARAISITE_HOME", dl.BASE_URL_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("PARAISITE_HOME", paths.BASE_URL_ENV)}
     env.update(PARAISITE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
     fetch = subprocess.run(
         [sys.executable, "-m", "paraisite.data", "fetch", "--dataset", "togo15", "--base-url", str(upstream)],

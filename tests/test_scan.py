@@ -16,9 +16,10 @@ from pymatgen.io.cif import CifWriter
 
 from conftest import working_folder
 from megnet_pt.cache import GraphCache, build_cache
-from paraisite import screening
+from paraisite import scan_summary, screening
 from paraisite.checkpoint import save_model
-from paraisite.ensemble import Ensemble, StackedEform, load_ensemble
+from paraisite.ensemble import Ensemble, load_ensemble
+from paraisite.fused import FusedEform
 from paraisite.model import ParAIsite
 from paraisite.transform import TargetTransform
 
@@ -116,7 +117,7 @@ def test_fused_pass_matches_each_models_own_forward(run_dir, cache_path, shared,
     from megnet_pt import load_pretrained
 
     published = load_pretrained()
-    torch.testing.assert_close(StackedEform(published)(batch), published(batch).prediction, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(FusedEform(published)(batch), published(batch).prediction, rtol=1e-5, atol=1e-5)
 
 
 def test_every_input_id_once_in_input_order(baseline, cache_path):
@@ -279,27 +280,18 @@ def test_correlations_match_numpy(baseline):
             assert float(c["pearson_r"]) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-9)
 
 
-def test_pearson_p_value_and_chunked_accumulation():
+def test_pearson_is_scipys_over_the_pairs_without_nan():
+    from scipy import stats
+
     rng = np.random.default_rng(0)
     x = rng.normal(size=1001)
     y = 0.1 * x + rng.normal(size=1001)
-    acc = screening.PearsonAccumulator()
-    for a in range(0, 1001, 97):
-        acc.add(x[a : a + 97], y[a : a + 97])
-    r, p, n = acc.result()
-    assert n == 1001 and r == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
-    # t = r sqrt(n-2)/sqrt(1-r^2); for n = 3 the t distribution (1 dof) is Cauchy: p = 1 - 2 atan(|t|)/pi
-    for r3 in (0.1, 0.5, 0.9, -0.99):
-        t = r3 / math.sqrt(1 - r3 * r3)
-        assert screening.pearson_p_value(r3, 3) == pytest.approx(1 - 2 * math.atan(abs(t)) / math.pi, rel=1e-10)
-    # nu = 2: p = 1 - |t| / sqrt(2 + t^2)
-    t = 0.7 * math.sqrt(2) / math.sqrt(1 - 0.49)
-    assert screening.pearson_p_value(0.7, 4) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-10)
-    stats = pytest.importorskip("scipy.stats")
-    assert p == pytest.approx(stats.pearsonr(x, y)[1], rel=1e-8)
-    for r_, n_ in ((0.3, 10), (0.05, 34000), (0.8, 50), (-0.2, 200)):
-        expected = 2 * stats.t.sf(abs(r_) * math.sqrt((n_ - 2) / (1 - r_ * r_)), n_ - 2)
-        assert screening.pearson_p_value(r_, n_) == pytest.approx(expected, rel=1e-8)
+    y[[3, 500]] = np.nan
+    r, p, n = scan_summary.pearson(x, y)
+    expected = stats.pearsonr(np.delete(x, [3, 500]), np.delete(y, [3, 500]))
+    assert n == 999 and r == pytest.approx(expected.statistic, rel=1e-12) and p == pytest.approx(expected.pvalue, rel=1e-9)
+    assert all(math.isnan(v) for v in scan_summary.pearson(x, np.ones_like(x))[:2])  # constant: undefined
+    assert all(math.isnan(v) for v in scan_summary.pearson(x[:2], y[:2])[:2])
 
 
 def test_torchrun_two_processes_give_the_one_process_output(baseline, run_dir, cache_path, workdir):

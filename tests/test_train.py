@@ -13,8 +13,9 @@ from torch_geometric.data import Batch
 
 from conftest import working_folder
 from megnet_pt.checkpoint import CheckpointError
-from paraisite import training
-from paraisite.checkpoint import load_model, save_model
+from paraisite import rundir, steps, training
+from paraisite.rundir import RunDir
+from paraisite.checkpoint import load_ltc_model, save_model
 from paraisite.datasets import load_dataset
 from paraisite.model import ParAIsite
 from paraisite.splits import holdout_parts
@@ -89,7 +90,7 @@ def test_a_collapsed_model_is_named_in_the_warning_and_the_summary(workdir, tmp_
     assert "Collapsed" not in (run / "summary.md").read_text()
     rows = list(csv.DictReader(open(run / "results.csv")))
     assert all(0 <= float(r["share_nonpositive"]) <= 1 for r in rows)
-    model, transform, meta = load_model(run / "split2" / "final.pt")
+    model, transform, meta = load_ltc_model(run / "split2" / "final.pt")
     with torch.no_grad():
         model.head[-1].bias.fill_(-1e3)  # every output far below the scaler's range: 10^(...) - 1 = -1
     save_model(model, transform, run / "split2" / "final.pt", **{k: meta[k] for k in ("selection", "init", "dataset", "split", "epoch")})
@@ -145,7 +146,7 @@ def test_select_holdout_chooses_best_on_the_held_out_share_and_never_trains_on_i
         assert best["epoch"] == 1 + int(np.argmin(select))
         picks.append((int(np.argmin(select)), int(np.argmin(val))))
         fit, held, _ = holdout_parts([95], k, 0.2)
-        _, transform, _ = load_model(run / f"split{k}" / "best.pt")
+        _, transform, _ = load_ltc_model(run / f"split{k}" / "best.pt")
         assert transform.mean == pytest.approx(z[fit].mean(), abs=1e-6)  # fitted on what it trains on, not on `held`
     assert any(a != b for a, b in picks)  # the selection really differs from the paper's on these splits
     summary = (run / "summary.md").read_text()
@@ -159,26 +160,26 @@ def test_processes_starting_one_new_run_folder_at_once_all_go_on(tmp_path, monke
     """Two lanes (one split each) on a fresh folder: both write config.json; neither loses the other's file."""
     run, config = tmp_path / "fresh", TrainConfig(init="rw", dataset="togo15")
     real_replace, pid = os.replace, [1000]
-    monkeypatch.setattr(training.os, "getpid", lambda: pid[0])
+    monkeypatch.setattr(rundir.os, "getpid", lambda: pid[0])
 
     def replace(src, dst):
         if pid[0] == 1000:  # the other process writes and renames its file just before this one renames its own
             pid[0] = 2000
-            training.check_run_config(run, config)
+            RunDir(run).check_config(config.to_dict())
             pid[0] = 1000
         real_replace(src, dst)
 
-    monkeypatch.setattr(training.os, "replace", replace)
-    training.check_run_config(run, config)
+    monkeypatch.setattr(rundir.os, "replace", replace)
+    RunDir(run).check_config(config.to_dict())
     assert json.loads((run / "config.json").read_text())["init"] == "rw" and not list(run.glob("*.tmp"))
 
 
 def test_run_folder_of_other_aflow_models_is_refused(tmp_path):
     run = tmp_path / "fe+af_togo15"
-    training.check_run_config(run, TrainConfig(init="fe+af", aflow_run="runs/fe_aflow_agl_e30"))
-    training.check_run_config(run, TrainConfig(init="fe+af", aflow_run="runs/./fe_aflow_agl_e30"))  # the same folder
+    RunDir(run).check_config(TrainConfig(init="fe+af", aflow_run="runs/fe_aflow_agl_e30").to_dict())
+    RunDir(run).check_config(TrainConfig(init="fe+af", aflow_run="runs/./fe_aflow_agl_e30").to_dict())  # the same folder
     with pytest.raises(ValueError, match="aflow_run: 'runs/fe_aflow_agl_e30' there, 'runs/fe_aflow_agl' now"):
-        training.check_run_config(run, TrainConfig(init="fe+af", aflow_run="runs/fe_aflow_agl"))
+        RunDir(run).check_config(TrainConfig(init="fe+af", aflow_run="runs/fe_aflow_agl").to_dict())
 
 
 def write_scaled_results(source: Path, dest: Path, factor: float, splits: set[str] | None = None,
@@ -283,7 +284,7 @@ def test_scaler_is_fitted_on_training_part_only(workdir):
     run = workdir / "runs" / "small"
     if not (run / "split1" / "final.pt").is_file():
         pytest.skip("needs test_small_run_writes_everything")
-    _, transform, _ = load_model(run / "split1" / "final.pt")
+    _, transform, _ = load_ltc_model(run / "split1" / "final.pt")
     z = np.log10(data.ltc.numpy().astype(np.float64) + 1)
     assert transform.mean == pytest.approx(z[train_idx].mean(), abs=1e-9)
     assert transform.std == pytest.approx(z[train_idx].std(), abs=1e-9)
@@ -294,7 +295,7 @@ def test_resume_after_kill_gives_the_same_weights(workdir, monkeypatch):
     args = ("--init", "fe", "--dataset", "togo15", "--epochs", "3", "--splits", "1")
     assert run_train(*args, "--run-dir", "runs/straight") == 0
 
-    real = training.mape_loss
+    real = steps.mape_loss
     calls = {"n": 0}
 
     def dying_loss(*a, **k):
@@ -303,12 +304,12 @@ def test_resume_after_kill_gives_the_same_weights(workdir, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(training, "mape_loss", dying_loss)
+    monkeypatch.setattr(steps, "mape_loss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
         run_train(*args, "--run-dir", "runs/killed")
-    monkeypatch.setattr(training, "mape_loss", real)
-    state = torch.load(workdir / "runs" / "killed" / "split1" / "state.pt", weights_only=True)
-    assert len(state["curve"]) == 1
+    monkeypatch.setattr(steps, "mape_loss", real)
+    state = torch.load(workdir / "runs" / "killed" / "state_1.pt", weights_only=True)
+    assert len(state["curves"][1]) == 1
     assert run_train(*args, "--run-dir", "runs/killed") == 0
     a = weights(workdir / "runs" / "straight" / "split1" / "final.pt")
     b = weights(workdir / "runs" / "killed" / "split1" / "final.pt")
@@ -370,7 +371,7 @@ def test_mismatched_or_missing_aflow_checkpoints_fail_before_training(workdir, c
     assert rc == 2 and "no AFLOW model for split(s) [3]" in capsys.readouterr().err
     (aflow / "split1" / "best.pt").write_bytes(b"corrupt")
     with pytest.raises(CheckpointError, match="corrupt"):
-        training.check_aflow_checkpoint(aflow / "split1" / "best.pt", "fe+af", 1, 4.0)
+        training.check_aflow_checkpoint(RunDir(aflow), "fe+af", 1, 4.0)
 
 
 def test_interrupted_aflow_stage_is_finished_before_it_is_used(workdir, capsys):
@@ -378,7 +379,7 @@ def test_interrupted_aflow_stage_is_finished_before_it_is_used(workdir, capsys):
     assert run_train("--init", "fe", "--dataset", "aflow_agl", "--epochs", "2", "--splits", "1",
                      "--run-dir", "runs/fe_aflow_agl", "--time-limit", "1e-6") == 0  # stops after epoch 1
     stage = workdir / "runs" / "fe_aflow_agl" / "split1"
-    assert (stage / "best.pt").is_file() and (stage / "state.pt").is_file() and not (stage / "final.pt").is_file()
+    assert (stage / "best.pt").is_file() and (stage.parent / "state_1.pt").is_file() and not (stage / "final.pt").is_file()
     config = TrainConfig(init="fe+af", dataset="togo15", epochs=2, aflow_run="runs/fe_aflow_agl")
     with pytest.raises(CheckpointError, match="unfinished"):
         initial_model(config, 1)
@@ -389,7 +390,7 @@ def test_interrupted_aflow_stage_is_finished_before_it_is_used(workdir, capsys):
     # Without --aflow-run the stage is resumed to its last epoch, then the Togo15 run starts from its best model.
     assert run_train("--init", "fe+af", "--dataset", "togo15", "--epochs", "2", "--splits", "1") == 0
     assert [int(r["epoch"]) for r in csv.DictReader(open(stage / "curve.csv"))] == [1, 2]
-    assert (stage / "final.pt").is_file() and not (stage / "state.pt").exists()
+    assert (stage / "final.pt").is_file() and not (stage.parent / "state_1.pt").exists()
     assert (workdir / "runs" / "fe+af_togo15" / "split1" / "final.pt").is_file()
     rows = list(csv.DictReader(open(workdir / "runs" / "fe+af_togo15" / "split1" / "results.csv")))
     # a +af model's module carries AFLOW's scaler upstream, so even its own training set is rescaled
@@ -450,7 +451,7 @@ def test_torchrun_spreads_splits_over_two_processes(workdir):
 def test_sequential_run_refuses_a_split_left_by_an_ensemble_run(workdir, capsys):
     run = workdir / "runs" / "was_ensemble"
     run.mkdir(parents=True)
-    (run / "ensemble_state_1-2.pt").write_bytes(b"x")
+    (run / "state_1-2.pt").write_bytes(b"x")
     rc = run_train("--init", "rw", "--dataset", "togo15", "--epochs", "1", "--splits", "1", "--run-dir", str(run))
-    assert rc == 2 and "resume it with --ensemble" in capsys.readouterr().err
-    assert not (run / "split1" / "state.pt").exists()
+    assert rc == 2 and "run with --ensemble --splits 1,2" in capsys.readouterr().err
+    assert not (run / "state_1.pt").exists()

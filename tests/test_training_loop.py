@@ -1,4 +1,4 @@
-"""Training the splits together (paraisite.ensemble_training) against the sequential train_split."""
+"""The one training loop with its two steppers: one split at a time (PlainStep) and splits stacked (StackedStep)."""
 import csv
 import sys
 from pathlib import Path
@@ -9,18 +9,19 @@ import torch
 
 from conftest import working_folder
 from megnet_pt.checkpoint import CheckpointError
-from paraisite import ensemble_training
+from paraisite import stacked, training
 from paraisite.datasets import load_dataset
-from paraisite.ensemble_training import (
-    DUMMY_SLOTS, PackedGraphs, StackedModel, batched_mape, inverse_transform, pad_batches, padded_shapes, state_path,
-    train_splits_together,
-)
-from paraisite.training import TrainConfig, initial_model, train_split
-from paraisite.transform import TargetTransform
+from paraisite.metrics import mape_loss
+from paraisite.padding import DUMMY_SLOTS, PackedGraphs, pad_batches, padded_shapes
+from paraisite.rundir import RunDir
+from paraisite.stacked import StackedModel
+from paraisite.steps import PlainStep, StackedStep
+from paraisite.training import TrainConfig, initial_model, train
+from paraisite.transform import TargetTransform, inverse_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+import train as train_py  # noqa: E402
 
 CPU = torch.device("cpu")
 CONFIG = TrainConfig(init="rw", dataset="togo15", epochs=3)
@@ -36,12 +37,15 @@ def workdir(tmp_path_factory, shared):
 
 @pytest.fixture(scope="module")
 def runs(workdir):
-    """The same two splits trained one by one (train_split) and together (train_splits_together)."""
+    """The same two splits trained one by one (PlainStep) and together (StackedStep), by the one loop."""
     data = load_dataset("togo15")
-    for k in SPLITS:
-        assert train_split(data, k, CONFIG, workdir / "seq", CPU, progress=False)
-    assert train_splits_together(data, SPLITS, CONFIG, workdir / "ens", CPU, progress=False)
+    assert train(data, SPLITS, CONFIG, RunDir(workdir / "seq"), CPU, progress=False)
+    assert train(data, SPLITS, CONFIG, RunDir(workdir / "ens"), CPU, stacked=True, progress=False)
     return data, workdir / "seq", workdir / "ens"
+
+
+def state_path(run: Path, splits: list[int]) -> Path:
+    return RunDir(run).state(splits)
 
 
 def curve(run: Path, k: int) -> list[dict]:
@@ -53,9 +57,9 @@ def checkpoint(run: Path, k: int, selection: str) -> dict:
     return torch.load(run / f"split{k}" / f"{selection}.pt", weights_only=True)
 
 
-def test_ensemble_matches_the_sequential_path(runs):
+def test_stacked_matches_the_plain_step(runs):
     _, seq, ens = runs
-    assert not list(ens.glob("ensemble_state*")) and not list(ens.glob("split*/state.pt"))
+    assert not list(ens.glob("state*")) and not list(seq.glob("state*"))
     for k in SPLITS:
         a, b = curve(seq, k), curve(ens, k)
         assert list(a[0]) == list(b[0]) and len(a) == len(b) == CONFIG.epochs
@@ -106,8 +110,10 @@ def test_fixed_shape_padding_leaves_every_real_graph_unchanged(shared):
             a, b = net(tight), net(fixed)
         for m, i in enumerate(ids):
             torch.testing.assert_close(b[m, : len(i)], a[m, : len(i)], rtol=1e-5, atol=1e-6)
-        la = batched_mape(inverse_transform(a[:, : tight.num_real], mean, std), tight)
-        lb = batched_mape(inverse_transform(b[:, : fixed.num_real], mean, std), fixed)
+        la = mape_loss(inverse_transform(a[:, : tight.num_real], mean[:, None], std[:, None]), tight.target,
+                       mask=tight.mask, count=tight.count)
+        lb = mape_loss(inverse_transform(b[:, : fixed.num_real], mean[:, None], std[:, None]), fixed.target,
+                       mask=fixed.mask, count=fixed.count)
         torch.testing.assert_close(lb, la, rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="do not fit"):
         pad_batches(packed, largest, shapes[:-1])
@@ -115,28 +121,27 @@ def test_fixed_shape_padding_leaves_every_real_graph_unchanged(shared):
 
 def test_clip_members_clips_each_member_as_clip_grad_norm_would():
     torch.manual_seed(0)
-    stacked = [torch.zeros(2, *shape, requires_grad=True) for shape in [(3, 4), (5,), (2, 2, 2)]]
-    for p in stacked:
+    stacked_grads = [torch.zeros(2, *shape, requires_grad=True) for shape in [(3, 4), (5,), (2, 2, 2)]]
+    for p in stacked_grads:
         p.grad = torch.randn(p.shape)
         p.grad[1] *= 1e-2  # member 0 above the norm (scaled down), member 1 below it (left alone)
-    members = [[torch.zeros(p.shape[1:], requires_grad=True) for p in stacked] for _ in range(2)]
+    members = [[torch.zeros(p.shape[1:], requires_grad=True) for p in stacked_grads] for _ in range(2)]
     for m, member in enumerate(members):
-        for p, q in zip(member, stacked):
+        for p, q in zip(member, stacked_grads):
             p.grad = q.grad[m].clone()
     norms = [float(torch.nn.utils.clip_grad_norm_(member, 2.0)) for member in members]
     assert norms[0] > 2.0 > norms[1]
-    ensemble_training.clip_members(stacked, 2.0)
+    stacked.clip_members(stacked_grads, 2.0)
     for m, member in enumerate(members):
-        for p, q in zip(member, stacked):
+        for p, q in zip(member, stacked_grads):
             torch.testing.assert_close(q.grad[m], p.grad)
 
 
 def test_clipped_ensemble_matches_the_clipped_sequential_path(runs, workdir):
     data, seq, _ = runs
     clipped = TrainConfig(init="rw", dataset="togo15", epochs=2, clip_grad_norm=0.5)
-    for k in SPLITS:
-        assert train_split(data, k, clipped, workdir / "seq_clip", CPU, progress=False)
-    assert train_splits_together(data, SPLITS, clipped, workdir / "ens_clip", CPU, progress=False)
+    assert train(data, SPLITS, clipped, RunDir(workdir / "seq_clip"), CPU, progress=False)
+    assert train(data, SPLITS, clipped, RunDir(workdir / "ens_clip"), CPU, stacked=True, progress=False)
     for k in SPLITS:
         a, b, plain = curve(workdir / "seq_clip", k), curve(workdir / "ens_clip", k), curve(seq, k)
         for ra, rb in zip(a, b):
@@ -152,9 +157,8 @@ def test_clipped_ensemble_matches_the_clipped_sequential_path(runs, workdir):
 def test_select_holdout_ensemble_matches_the_sequential_path(runs, workdir):
     data = runs[0]
     config = TrainConfig(init="rw", dataset="togo15", epochs=3, select_holdout=0.2)
-    for k in SPLITS:
-        assert train_split(data, k, config, workdir / "seq_holdout", CPU, progress=False)
-    assert train_splits_together(data, SPLITS, config, workdir / "ens_holdout", CPU, progress=False)
+    assert train(data, SPLITS, config, RunDir(workdir / "seq_holdout"), CPU, progress=False)
+    assert train(data, SPLITS, config, RunDir(workdir / "ens_holdout"), CPU, stacked=True, progress=False)
     for k in SPLITS:
         a, b = curve(workdir / "seq_holdout", k), curve(workdir / "ens_holdout", k)
         assert len(a) == len(b) == 3
@@ -164,68 +168,91 @@ def test_select_holdout_ensemble_matches_the_sequential_path(runs, workdir):
         assert checkpoint(workdir / "ens_holdout", k, "best")["epoch"] == checkpoint(workdir / "seq_holdout", k, "best")["epoch"]
 
 
-def test_vectorised_validation_matches_the_one_by_one_validation(runs):
+def test_vectorised_validation_matches_the_plain_one(runs):
     data = runs[0]
     config = TrainConfig(init="rw", dataset="togo15")
     models = [initial_model(config, k) for k in SPLITS]
-    net = ensemble_training.StackedModel(models, CPU)
     val_idx = [data.split(k)[1] for k in SPLITS]
     transforms = [TargetTransform.fit(data.ltc[data.split(k)[0]]) for k in SPLITS]
-    packed = ensemble_training.PackedGraphs.from_dataset(data, CPU)
-    vectorised = ensemble_training.validate(net, packed, val_idx, transforms)
-    one_by_one = ensemble_training.validate_one_by_one(net, models, data, val_idx, transforms)
-    assert vectorised == pytest.approx(one_by_one, rel=1e-5) and vectorised[0] != vectorised[1]
+    net = StackedModel(models, CPU)
+    vectorised = stacked.validate(net, PackedGraphs.from_dataset(data, CPU), val_idx, transforms)
+    plain = [PlainStep([m], [t], data, CPU, 1e-3).losses([v])[0] for m, t, v in zip(models, transforms, val_idx)]
+    assert vectorised == pytest.approx(plain, rel=1e-5) and vectorised[0] != vectorised[1]
 
 
-def test_resume_after_kill_gives_identical_weights_and_other_splits_are_refused(runs, workdir, monkeypatch):
-    data, _, ens = runs
-    killed = workdir / "killed"
-    real = ensemble_training.train_step
+@pytest.mark.parametrize("is_stacked", [False, True], ids=["plain", "stacked"])
+def test_resume_after_kill_gives_identical_weights(runs, workdir, monkeypatch, is_stacked):
+    data, seq, ens = runs
+    straight = ens if is_stacked else seq
+    killed = workdir / f"killed_{'stacked' if is_stacked else 'plain'}"
+    stepper = StackedStep if is_stacked else PlainStep
+    real = stepper.step
     calls = {"n": 0}
 
-    def dying_step(*a, **k):
+    def dying_step(self, batches):
         calls["n"] += 1
-        if calls["n"] == 15:  # epoch 1 is 10 steps; die inside epoch 2
+        if calls["n"] == 15:  # epoch 1 is 10 steps; die inside epoch 2 (of split 1 for the plain step)
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(self, batches)
 
-    monkeypatch.setattr(ensemble_training, "train_step", dying_step)
+    monkeypatch.setattr(stepper, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        train_splits_together(data, SPLITS, CONFIG, killed, CPU, progress=False)
-    monkeypatch.setattr(ensemble_training, "train_step", real)
-    path = state_path(killed, SPLITS)
-    state = torch.load(path, weights_only=True)
-    assert state["splits"] == SPLITS and all(len(c) == 1 for c in state["curves"].values())
+        train(data, SPLITS, CONFIG, RunDir(killed), CPU, stacked=is_stacked, progress=False)
+    monkeypatch.setattr(stepper, "step", real)
+    group = SPLITS if is_stacked else [1]
+    state = torch.load(state_path(killed, group), weights_only=True)
+    assert state["splits"] == group and all(len(c) == 1 for c in state["curves"].values())
     assert [r["epoch"] for r in curve(killed, 1)] == ["1"]
-
-    with pytest.raises(CheckpointError, match=str(path.name)):  # another set of splits is refused, not restarted
-        train_splits_together(data, [1], CONFIG, killed, CPU, progress=False)
-    assert train_splits_together(data, SPLITS, CONFIG, killed, CPU, progress=False)
-    assert not path.exists()
+    assert train(data, SPLITS, CONFIG, RunDir(killed), CPU, stacked=is_stacked, progress=False)
+    assert not list(killed.glob("state*"))
     for k in SPLITS:
-        a, b = checkpoint(ens, k, "final")["state_dict"], checkpoint(killed, k, "final")["state_dict"]
+        a, b = checkpoint(straight, k, "final")["state_dict"], checkpoint(killed, k, "final")["state_dict"]
         for name in a:
             assert torch.equal(a[name], b[name]), (k, name)
-        assert [r["val_loss"] for r in curve(ens, k)] == [r["val_loss"] for r in curve(killed, k)]
+        assert [r["val_loss"] for r in curve(straight, k)] == [r["val_loss"] for r in curve(killed, k)]
+
+
+def test_one_resume_format_for_both_steppers(runs, workdir):
+    """A state written by the plain step is resumed by the stacked one (one split), and the result is the same run."""
+    data, seq, _ = runs
+    run = RunDir(workdir / "switched")
+    assert not train(data, [1], CONFIG, run, CPU, deadline=0.0, progress=False)  # stops after epoch 1
+    assert run.state([1]).is_file()
+    assert train(data, [1], CONFIG, run, CPU, stacked=True, progress=False)
+    a, b = checkpoint(seq, 1, "final")["state_dict"], checkpoint(run.path, 1, "final")["state_dict"]
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert [r["epoch"] for r in curve(run.path, 1)] == ["1", "2", "3"]
+
+
+def test_other_groups_of_splits_are_refused(runs, workdir):
+    data = runs[0]
+    run = RunDir(workdir / "groups")
+    assert not train(data, SPLITS, CONFIG, run, CPU, stacked=True, deadline=0.0, progress=False)
+    path = run.state(SPLITS)
+    with pytest.raises(CheckpointError, match=rf"{path.name}: resume state of split\(s\) \[1, 2\] trained together"):
+        train(data, [1], CONFIG, run, CPU, stacked=True, progress=False)  # another set of splits: refused, not restarted
+    with pytest.raises(CheckpointError, match="run with --ensemble --splits 1,2"):
+        train(data, [1], CONFIG, run, CPU, progress=False)
 
 
 def test_kill_while_writing_the_final_models(workdir, monkeypatch):
     data, config, run = load_dataset("togo15"), TrainConfig(init="rw", dataset="togo15", epochs=1), workdir / "late"
-    real = ensemble_training.save_model
+    real = training.save_model
 
     def dying_save(model, transform, path, **meta):
         if meta["selection"] == "final" and meta["split"] == 2:
             raise KeyboardInterrupt
         real(model, transform, path, **meta)
 
-    monkeypatch.setattr(ensemble_training, "save_model", dying_save)
+    monkeypatch.setattr(training, "save_model", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train_splits_together(data, SPLITS, config, run, CPU, progress=False)
-    monkeypatch.setattr(ensemble_training, "save_model", real)
+        train(data, SPLITS, config, RunDir(run), CPU, stacked=True, progress=False)
+    monkeypatch.setattr(training, "save_model", real)
     assert (run / "split1" / "final.pt").is_file() and not (run / "split2" / "final.pt").exists()
     mtime = (run / "split1" / "final.pt").stat().st_mtime_ns
     # split 2 alone is pending now, and the complete state of splits 1-2 finishes it without training
-    assert train_splits_together(data, SPLITS, config, run, CPU, progress=False)
+    assert train(data, SPLITS, config, RunDir(run), CPU, stacked=True, progress=False)
     assert (run / "split2" / "final.pt").is_file() and not state_path(run, SPLITS).exists()
     assert (run / "split1" / "final.pt").stat().st_mtime_ns == mtime
     assert [r["epoch"] for r in curve(run, 2)] == ["1"]
@@ -235,30 +262,30 @@ def test_foreign_resume_states_are_refused(workdir):
     data = load_dataset("togo15")
     run = workdir / "foreign"
     run.mkdir()
-    torch.save({"splits": [1, 3], "dataset": "togo15"}, state_path(run, SPLITS))
-    message = r"ensemble_state_1-2\.pt: resume state of the ensemble of split\(s\) \[1, 3\]"
+    torch.save({"format": training.STATE_FORMAT, "version": training.STATE_VERSION, "splits": [1, 3],
+                "dataset": "togo15"}, state_path(run, SPLITS))
+    message = r"state_1-2\.pt: resume state of split\(s\) \[1, 3\] on 'togo15', not of split\(s\) \[1, 2\]"
     with pytest.raises(CheckpointError, match=message):
-        train_splits_together(data, SPLITS, CONFIG, run, CPU, progress=False)
+        train(data, SPLITS, CONFIG, RunDir(run), CPU, stacked=True, progress=False)
     state_path(run, SPLITS).write_bytes(b"truncated")
-    with pytest.raises(CheckpointError, match="ensemble_state_1-2.pt: cannot resume"):
-        train_splits_together(data, SPLITS, CONFIG, run, CPU, progress=False)
+    with pytest.raises(CheckpointError, match="state_1-2.pt: cannot resume"):
+        train(data, SPLITS, CONFIG, RunDir(run), CPU, stacked=True, progress=False)
     state_path(run, SPLITS).unlink()
-    (run / "split2").mkdir()
-    (run / "split2" / "state.pt").write_bytes(b"")  # a sequential run of split 2 in progress
-    with pytest.raises(CheckpointError, match="split2/state.pt: split 2 was being trained on its own"):
-        train_splits_together(data, SPLITS, CONFIG, run, CPU, progress=False)
+    torch.save({"splits": [2], "dataset": "togo15"}, state_path(run, [2]))  # a single split of another version
+    with pytest.raises(CheckpointError, match=r"state_2\.pt: resume state of split\(s\) \[2\] trained on its own"):
+        train(data, SPLITS, CONFIG, RunDir(run), CPU, stacked=True, progress=False)
     assert not (run / "split1" / "curve.csv").exists()
 
 
 def test_train_py_ensemble_flag(workdir, capsys):
     args = ["--init", "rw", "--dataset", "togo15", "--epochs", "1", "--splits", "2", "--run-dir", "runs/flag",
             "--ensemble", "--no-progress"]
-    assert train.main(args) == 0
+    assert train_py.main(args) == 0
     run = workdir / "runs" / "flag"
     rows = list(csv.DictReader(open(run / "results.csv")))
     assert {(r["split"], r["selection"]) for r in rows} == {(k, s) for k in ("1", "2") for s in ("best", "final")}
-    assert (run / "summary.md").is_file() and not list(run.glob("ensemble_state*"))
+    assert (run / "summary.md").is_file() and not list(run.glob("state*"))
     assert "done" in capsys.readouterr().out
     mtime = (run / "split1" / "final.pt").stat().st_mtime_ns
-    assert train.main(args) == 0  # finished splits are not trained again
+    assert train_py.main(args) == 0  # finished splits are not trained again
     assert (run / "split1" / "final.pt").stat().st_mtime_ns == mtime

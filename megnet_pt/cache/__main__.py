@@ -1,0 +1,5 @@
+import sys
+
+from megnet_pt.cache.cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""The run folder: the one place that knows its layout.
+
+``python train.py --init I --dataset D`` writes ``runs/<I>_<D>[_clip<C>][_holdout<H>]/``:
+
+    config.json                  the settings that define the run (two runs in one folder must agree)
+    state_<k1>-<k2>-....pt       resume state of the splits being trained together (one split: state_<k>.pt)
+    split<k>/best.pt             the model of the epoch chosen on the selection part
+    split<k>/final.pt            the model after the last epoch; its presence means split k is finished
+    split<k>/curve.csv           one row per epoch
+    split<k>/results.csv         metrics of best and final on each scored dataset
+    split<k>/predictions.csv     per-structure predictions behind them
+    results.csv, predictions.csv, summary.md, curves.png, parity.png   the whole run
+
+No torch here: ``scripts/make_results.py`` reads run folders without it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+SELECTIONS = ("best", "final")
+_STATE = re.compile(r"state_([0-9]+(?:-[0-9]+)*)\.pt")
+
+
+class RunDirError(ValueError):
+    """A run folder that does not hold what is asked of it (the message says which and why)."""
+
+
+class RunDir:
+    """Paths, the finished rule, checkpoints, resume states and the config of one run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # --- names ------------------------------------------------------------------------------
+
+    @staticmethod
+    def suffix(clip_grad_norm: float | None = None, select_holdout: float | None = None) -> str:
+        """``_clip<C>`` and ``_holdout<H>``: runs off the paper's protocol never share its folders."""
+        return (f"_clip{clip_grad_norm:g}" if clip_grad_norm else "") + (
+            f"_holdout{select_holdout:g}" if select_holdout else "")
+
+    @classmethod
+    def default(cls, init: str, dataset: str, clip_grad_norm: float | None = None,
+                select_holdout: float | None = None, root: str | Path = "runs") -> "RunDir":
+        """``runs/<init>_<dataset name><suffix>``."""
+        return cls(Path(root) / f"{init}_{Path(dataset).name}{cls.suffix(clip_grad_norm, select_holdout)}")
+
+    @classmethod
+    def default_aflow(cls, init: str, clip_grad_norm: float | None = None, root: str | Path = "runs") -> "RunDir":
+        """The AFLOW-stage run a ``+af`` init starts from: ``runs/<fe|rw>_aflow_agl[_clip<C>]``."""
+        return cls.default(init.split("+")[0], "aflow_agl", clip_grad_norm, None, root)
+
+    # --- one split --------------------------------------------------------------------------
+
+    def split(self, k: int) -> Path:
+        return self.path / f"split{k}"
+
+    def checkpoint(self, k: int, selection: str) -> Path:
+        if selection not in SELECTIONS:
+            raise RunDirError(f"selection must be one of {', '.join(SELECTIONS)} (got {selection!r})")
+        return self.split(k) / f"{selection}.pt"
+
+    def curve(self, k: int) -> Path:
+        return self.split(k) / "curve.csv"
+
+    def results(self, k: int | None = None) -> Path:
+        return (self.split(k) if k is not None else self.path) / "results.csv"
+
+    def predictions(self, k: int | None = None) -> Path:
+        return (self.split(k) if k is not None else self.path) / "predictions.csv"
+
+    def finished(self, k: int) -> bool:
+        """Split ``k`` trained to its last epoch: ``final.pt`` (and ``best.pt``) written.
+
+        ``best.pt`` alone proves nothing: it is written whenever the selection
+        loss improves, long before the last epoch.
+        """
+        return self.checkpoint(k, "final").is_file() and self.checkpoint(k, "best").is_file()
+
+    def evaluated(self, k: int, datasets: list[str]) -> bool:
+        """Split ``k`` finished and scored on every dataset of ``datasets``."""
+        path = self.results(k)
+        if not (self.finished(k) and path.is_file()):
+            return False
+        with open(path, newline="") as f:
+            return set(datasets) <= {row["test_dataset"] for row in csv.DictReader(f)}
+
+    def splits(self) -> list[int]:
+        """The split indices that have a folder, ascending."""
+        if not self.path.is_dir():
+            return []
+        return sorted(int(d.name[5:]) for d in self.path.iterdir()
+                      if d.is_dir() and d.name.startswith("split") and d.name[5:].isdigit())
+
+    def finished_checkpoints(self, selection: str = "best") -> list[tuple[int, Path]]:
+        """``(k, split<k>/<selection>.pt)`` of every split, refusing a run with any split unfinished.
+
+        So that an ensemble never silently misses a member or takes one that is half trained.
+        """
+        if selection not in SELECTIONS:
+            raise RunDirError(f"--selection must be one of {', '.join(SELECTIONS)} (got {selection!r})")
+        if not self.path.is_dir():
+            raise RunDirError(f"{self.path}: no such run folder; train one first (python train.py --init fe+af "
+                              "--dataset togo15 writes runs/fe+af_togo15) or name another with --models")
+        splits = self.splits()
+        if not splits:
+            raise RunDirError(f"{self.path}: no split<k>/ folders; is this a run folder written by train.py?")
+        training = [k for k in splits if not self.checkpoint(k, "final").is_file()]
+        if training:
+            raise RunDirError(f"{self.path}: split(s) {','.join(map(str, training))} are not finished (no final.pt): "
+                              "still training? re-run the train.py command to finish them")
+        missing = [k for k in splits if not self.checkpoint(k, selection).is_file()]
+        if missing:
+            raise RunDirError(f"{self.path}: split(s) {','.join(map(str, missing))} have no {selection}.pt "
+                              f"({'still training? re-run train.py to finish them' if selection == 'final' else 'not trained yet'})")
+        return [(k, self.checkpoint(k, selection)) for k in splits]
+
+    # --- resume states ----------------------------------------------------------------------
+
+    def state(self, splits: list[int]) -> Path:
+        """The resume state of ``splits`` trained together, named after them so that processes never collide."""
+        return self.path / f"state_{'-'.join(map(str, splits))}.pt"
+
+    def states(self) -> list[tuple[Path, list[int]]]:
+        """Every resume state in the folder and its splits."""
+        if not self.path.is_dir():
+            return []
+        found = [(p, _STATE.fullmatch(p.name)) for p in sorted(self.path.glob("state_*.pt"))]
+        return [(p, [int(v) for v in m.group(1).split("-")]) for p, m in found if m]
+
+    # --- config -----------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    def read_config(self) -> dict[str, Any] | None:
+        return json.loads(self.config_path.read_text()) if self.config_path.is_file() else None
+
+    def check_config(self, config: dict[str, Any]) -> None:
+        """Write ``config.json`` on first use; refuse a folder that holds a run with other settings.
+
+        Processes that start on one new folder at once (one split each) may all
+        write it: each through a file of its own, and each then compares its
+        settings with the one that landed. A setting missing from an older
+        config.json counts as None.
+        """
+        current = _normalised(config)
+        if not self.config_path.is_file():
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = self.config_path.with_name(f"config.json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(current, indent=2) + "\n")
+            os.replace(tmp, self.config_path)
+        stored = _normalised(self.read_config() or {})
+        # aflow_run too: +af models that started from other AFLOW models must not be taken as finished
+        diff = {key: (stored.get(key), value) for key, value in current.items() if stored.get(key) != value}
+        if diff:
+            shown = ", ".join(f"{key}: {a!r} there, {b!r} now" for key, (a, b) in diff.items())
+            raise RunDirError(f"{self.path} holds a run with other settings ({shown}); use another --run-dir or delete it")
+
+
+def _normalised(config: dict[str, Any]) -> dict[str, Any]:
+    out = dict(config)
+    if out.get("aflow_run"):
+        out["aflow_run"] = os.path.normpath(out["aflow_run"])
+    return out
