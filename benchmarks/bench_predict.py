@@ -18,7 +18,8 @@ import time
 import torch
 from torch_geometric.data import Batch
 
-from megnet_pt import load_pretrained, paths, structure_to_graph
+from megnet_pt import load_pretrained, structure_to_graph
+from paraisite import paths
 from megnet_pt.structures import read_structure
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     print(f"structure->graph  {rate(len(ids), t_graph)}")
     print(f"CIF->graph total  {rate(len(ids), t_read + t_graph)}")
 
-    model = load_pretrained()
+    model = load_pretrained(published_dir=paths.weights_dir("MEGNet-MP-2018.6.1-Eform"))
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         m = model.to(device)

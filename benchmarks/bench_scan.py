@@ -53,7 +53,7 @@ def peak_rss_mb() -> float:
 
 
 def ensure_bench_cache(work: Path, repeat: int, workers: int) -> Path:
-    from megnet_pt import paths
+    from paraisite import paths
     from megnet_pt.cache import GraphCache, build_cache
 
     path = work / f"aflow_x{repeat}_cutoff4.h5"
@@ -102,7 +102,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     from megnet_pt.cache import GraphCache
     from paraisite.ensemble import load_ensemble
-    from paraisite.screening import ScanPaths, run_scan
+    from paraisite.scan_files import ScanPaths
+    from paraisite.screening import run_scan
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,7 +154,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 def _pretend_done(cache, ensemble, out: Path, keep: int) -> None:
     """Write a part file holding placeholder rows for all but the first ``keep`` structures."""
-    from paraisite.screening import ScanPaths, columns, csv_text, scan_meta
+    from paraisite.scan_files import ScanPaths, csv_text, scan_meta
+    from paraisite.screening import columns
 
     paths = ScanPaths(out)
     header = columns(ensemble.info.splits, False)

@@ -4,13 +4,12 @@
 
 For each dataset and device (the CPU, and CUDA when available) it times
 
-(a) the sequential path, the step of ``paraisite.training.train_split``
-    (collate, forward, MAPE, backward, fused Adam), split after split;
-(b) the ensemble path, ``paraisite.ensemble_training.train_step`` on the
-    M splits' batches padded and stacked, one vmapped step for all;
-(c) on CUDA, the same step replayed as a CUDA graph
-    (``paraisite.ensemble_training.CUDAGraphStep``, what ``--ensemble`` runs
-    there), batches padded to one fixed shape;
+(a) the sequential path, ``paraisite.steps.PlainStep`` (collate, forward,
+    MAPE, backward, fused Adam), split after split;
+(b) the ensemble path, ``paraisite.steps.StackedStep`` on the M splits'
+    batches padded and stacked, one vmapped step for all;
+(c) on CUDA, the same stepper replaying each step as a CUDA graph (what
+    ``--ensemble`` runs there), batches padded to a few fixed shapes;
 
 on the same batches (the first ``--steps`` of each split's epoch-1 shuffle),
 alternating (a) and (b) for ``--rounds`` rounds, plus one validation pass and
@@ -39,15 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch_geometric.data import Batch
 
-from paraisite.checkpoint import atomic_save
+from megnet_pt.checkpoint import atomic_save
 from paraisite.datasets import load_dataset
-from paraisite.ensemble_training import (
-    CUDAGraphStep, PackedGraphs, StackedModel, pad_batches, padded_shapes, train_step, validate, validate_one_by_one,
-)
-from paraisite.metrics import mape_loss
-from paraisite.training import ETA_MIN, T_MAX, TrainConfig, _epoch_generator, initial_model, predict
+from paraisite.steps import PlainStep, StackedStep
+from paraisite.training import TrainConfig, epoch_generator, initial_model
 from paraisite.transform import TargetTransform
 
 ORIGINAL = {"togo15": 0.4, "aflow_agl": 25.0}  # s per epoch, matgl/DGL on the 2-core machine
@@ -74,11 +69,6 @@ class Clock:
             torch.cuda.synchronize(self.device)
 
 
-def adam(params: list[torch.Tensor], lr: float) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LRScheduler]:
-    optimizer = torch.optim.Adam(params, lr=lr, eps=1e-8, fused=True)
-    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=T_MAX, eta_min=ETA_MIN)
-
-
 def bench(name: str, device: torch.device, args: argparse.Namespace, tmp: Path) -> None:
     data = load_dataset(name)
     config = TrainConfig(init=args.init, dataset=name, batch_size=args.batch_size)
@@ -88,80 +78,52 @@ def bench(name: str, device: torch.device, args: argparse.Namespace, tmp: Path) 
     n_train = len(parts[0][0])
     per_epoch = -(-n_train // B)
     steps = min(args.steps or per_epoch, per_epoch)
-    orders = [t[torch.randperm(n_train, generator=_epoch_generator(config.seed, k, 1)).numpy()]
+    orders = [t[torch.randperm(n_train, generator=epoch_generator(config.seed, k, 1)).numpy()]
               for k, (t, _) in zip(splits, parts)]
     batches = [[o[i * B : (i + 1) * B] for o in orders] for i in range(steps)]  # [step][split]
     transforms = [TargetTransform.fit(data.ltc[t]) for t, _ in parts]
+    vals = [v for _, v in parts]
 
-    # (a) one model and optimiser per split, the loop body of training.train_split
-    graphs = [g.to(device) for g in data.graphs] if device.type != "cpu" else data.graphs
-    y = data.ltc.to(device)
-    models = [initial_model(config, k).to(device) for k in splits]
-    seq_opt = [adam([p for p in m.parameters() if p.requires_grad], config.lr) for m in models]
+    def stepper(stacked: bool, ks: list[int], cuda_graphs: bool = False) -> PlainStep | StackedStep:
+        models = [initial_model(config, k) for k in ks]
+        ts = [transforms[splits.index(k)] for k in ks]
+        if stacked:
+            return StackedStep(models, ts, data, device, config.lr, batch_size=B, cuda_graphs=cuda_graphs)
+        return PlainStep(models, ts, data, device, config.lr)
+
+    def save(step: PlainStep | StackedStep, path: Path) -> None:
+        members, group = step.state()
+        atomic_save({"members": members, "param_group": group}, path)
+
+    # (a) one stepper per split; (b) the M splits as one stacked stepper; (c) the same, as CUDA graphs
+    plain = [stepper(False, [k]) for k in splits]
+    together = stepper(True, splits)
+    graphed = device.type == "cuda"
+    replayed = stepper(True, splits, cuda_graphs=True) if graphed else None
 
     def seq_steps(todo: list[list[np.ndarray]]) -> None:
-        for m, (model, (optimizer, _), transform) in enumerate(zip(models, seq_opt, transforms)):
-            model.train()
-            for step in todo:
-                idx = step[m]
-                loss = mape_loss(transform.inverse(model(Batch.from_data_list([graphs[j] for j in idx]))), y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss.item()
+        for m, step in enumerate(plain):
+            for batch in todo:
+                step.step([batch[m]]).tolist()
 
     def seq_val() -> None:
-        for model, transform, (_, v) in zip(models, transforms, parts):
-            float(mape_loss(predict(model, [graphs[i] for i in v], transform, device), data.ltc[v]))
+        for step, v in zip(plain, vals):
+            step.losses([v])
 
-    def seq_save() -> None:
-        model, (optimizer, scheduler) = models[0], seq_opt[0]
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "curve": [], "best": {}}, tmp / "state.pt")
-
-    # (b) the M splits as one stacked model
-    members = [initial_model(config, k) for k in splits]
-    net = StackedModel(members, device)
-    ens_opt, ens_sched = adam(net.trainable(), config.lr)
-    packed = PackedGraphs.from_dataset(data, device)
-    mean = torch.tensor([t.mean for t in transforms], device=device)
-    std = torch.tensor([t.std for t in transforms], device=device)
-
-    def ens_steps(todo: list[list[np.ndarray]]) -> None:
-        for step in todo:
-            train_step(net, ens_opt, pad_batches(packed, step), mean, std)
-
-    def ens_val() -> None:  # as train_splits_together chooses
-        if device.type == "cpu":
-            validate_one_by_one(net, members, data, [v for _, v in parts], transforms)
-        else:
-            validate(net, packed, [v for _, v in parts], transforms)
-
-    def ens_save() -> None:
-        atomic_save({"splits": splits, "params": {n: p.detach() for n, p in net.params.items()},
-                     "optimizer": ens_opt.state_dict(), "scheduler": ens_sched.state_dict()}, tmp / "ensemble_state.pt")
-
-    # (c) the same, replayed as a CUDA graph (its own stacked model: the timings must not share an optimiser)
-    graphed = device.type == "cuda"
-    if graphed:
-        shapes = padded_shapes(packed, B)
-        net_g = StackedModel([initial_model(config, k) for k in splits], device)
-        graph_opt, _ = adam(net_g.trainable(), config.lr)
-        graph_step = CUDAGraphStep(net_g, mean, std)
-
-    def graph_steps(todo: list[list[np.ndarray]]) -> None:
-        for step in todo:
-            graph_step(graph_opt, pad_batches(packed, step, shapes))
+    def ens_steps(todo: list[list[np.ndarray]], step: StackedStep | None = None) -> None:
+        for batch in todo:
+            (step or together).step(batch)
 
     seq_steps(batches[:2])  # warm-up
     ens_steps(batches[:2])
     keys = ("seq", "seq_val", "seq_save", "ens", "ens_val", "ens_save", "graph")
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
-    timed = [("seq", lambda: seq_steps(batches)), ("seq_val", seq_val), ("seq_save", seq_save),
-             ("ens", lambda: ens_steps(batches)), ("ens_val", ens_val), ("ens_save", ens_save)]
+    timed = [("seq", lambda: seq_steps(batches)), ("seq_val", seq_val), ("seq_save", lambda: save(plain[0], tmp / "a.pt")),
+             ("ens", lambda: ens_steps(batches)), ("ens_val", lambda: together.losses(vals)),
+             ("ens_save", lambda: save(together, tmp / "b.pt"))]
     if graphed:
-        graph_steps(batches)  # records a graph for every shape the timed steps need
-        timed.append(("graph", lambda: graph_steps(batches)))
+        ens_steps(batches, replayed)  # records a graph for every shape the timed steps need
+        timed.append(("graph", lambda: ens_steps(batches, replayed)))
     for _ in range(args.rounds):
         for key, fn in timed:
             with Clock(device) as c:
@@ -176,11 +138,9 @@ def bench(name: str, device: torch.device, args: argparse.Namespace, tmp: Path) 
     print(f"\n{label}: {M} splits, {n_train} training / {len(parts[0][1])} validation structures per split, "
           f"{per_epoch} steps per epoch ({steps} timed), {args.rounds} rounds; load average now {load:.1f}")
     clocks = [(0, "wall")] + ([(1, "CPU")] if device.type == "cpu" else [])
-    rows = {}
     for i, clock in clocks:
         seq = per_epoch * med("seq", i) / (M * steps) + (med("seq_val", i) / M) + med("seq_save", i)
         ens = (per_epoch * med("ens", i) / steps + med("ens_val", i) + med("ens_save", i)) / M
-        rows[clock] = (seq, ens)
         print(f"  {clock:4s} s per split-epoch: sequential {seq:7.3f}, ensemble of {M} {ens:7.3f}; "
               f"ensemble speed-up {seq / ens:4.2f}x")
         print(f"       speed-up vs the original's {ORIGINAL[name]} s/epoch: sequential {ORIGINAL[name] / seq:5.2f}x, "

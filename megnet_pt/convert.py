@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert published MEGNet weights (a folder with matgl's state.pt and model.json) "
         "into a megnet_pt checkpoint that loads with torch.load(weights_only=True).",
     )
-    parser.add_argument("folder", help="folder holding state.pt and model.json (e.g. $PARAISITE_HOME/weights/MEGNet-MP-2018.6.1-Eform)")
+    parser.add_argument("folder", help="folder holding state.pt and model.json (e.g. $MEGNET_PT_HOME/weights/MEGNet-MP-2018.6.1-Eform)")
     parser.add_argument("-o", "--output", help="checkpoint to write (default: weights/<folder name>.pt)")
     parser.add_argument("--name", help="model name stored in the checkpoint (default: the folder name)")
     args = parser.parse_args(argv)

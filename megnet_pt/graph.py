@@ -112,8 +112,11 @@ def structure_to_graph(structure: Any, cutoff: float = DEFAULT_CUTOFF, id: str |
     )
 
 
-def isolated_atoms(data: Data) -> int:
-    """Number of atoms with no neighbour within the cutoff."""
+def isolated_atoms(data: Data) -> torch.Tensor:
+    """Atoms with no neighbour within the cutoff, per graph of ``data`` (a ``Data``, or a PyG ``Batch``): ``[num_graphs]``."""
     has_neighbor = torch.zeros(data.num_nodes, dtype=torch.bool)
     has_neighbor[data.edge_index[0]] = True
-    return int((~has_neighbor).sum())
+    batch = getattr(data, "batch", None)
+    if batch is None:
+        return (~has_neighbor).sum().view(1)
+    return torch.bincount(batch[~has_neighbor], minlength=data.num_graphs)

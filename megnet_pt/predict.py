@@ -37,11 +37,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def graph_warning(data: Data, cutoff: float) -> str:
-    """A note for graphs whose atoms lack neighbours within the cutoff (the published model gives NaN there)."""
-    lonely = isolated_atoms(data)
-    if lonely == 0:
-        return ""
-    return f"{lonely} of {data.num_nodes} atoms have no neighbour within {cutoff:g} Å"
+    """A note for a graph whose atoms lack neighbours within the cutoff (the published model gives NaN there)."""
+    return isolated_warning(int(isolated_atoms(data)[0]), data.num_nodes, cutoff)
+
+
+def isolated_warning(lonely: int, n_atoms: int, cutoff: float) -> str:
+    return f"{lonely} of {n_atoms} atoms have no neighbour within {cutoff:g} Å" if lonely else ""
 
 
 @torch.no_grad()
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", help="CIF files or folders (searched recursively for *.cif)")
     parser.add_argument("-o", "--output", default="-", help="CSV to write (default: standard output)")
     parser.add_argument("--model", default="MEGNet-MP-2018.6.1-Eform",
-                        help="a published model name (found or converted via PARAISITE_HOME), a converted checkpoint (.pt), "
+                        help="a published model name (found or converted via MEGNET_PT_HOME), a converted checkpoint (.pt), "
                         "or a folder with state.pt and model.json (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="structures per batch (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")

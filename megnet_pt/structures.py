@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from pymatgen.core import Structure
 
+from .download import sha256_file
 from .graph import StructureError, as_structure
 
 
@@ -208,11 +209,7 @@ def iter_structures(
 
 def _sha256(path: Path) -> str:
     try:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+        return sha256_file(path)
     except FileNotFoundError:
         return "missing"
 

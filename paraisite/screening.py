@@ -18,7 +18,7 @@ Output CSV columns, one row per input structure:
     warning
 
 ``warning`` is empty, or lists (separated by "; "): atoms without a neighbour
-within the cutoff (``megnet_pt.predict.graph_warning``), elements absent from
+within the cutoff (``megnet_pt.predict.isolated_warning``), elements absent from
 the training structures, more than ``SIZE_FACTOR`` times as many atoms as the
 largest training cell, and, starting with ``error:``, why a structure has no
 prediction (it could not be turned into a graph, or the models failed on it).
@@ -47,7 +47,8 @@ from torch_geometric.data import Batch
 
 from megnet_pt.cache import GraphCache
 from megnet_pt.elements import ELEMENTS
-from megnet_pt.predict import graph_warning
+from megnet_pt.graph import isolated_atoms
+from megnet_pt.predict import isolated_warning
 
 from .ensemble import Ensemble
 from .fused import FusedEform
@@ -151,15 +152,13 @@ def training_domain(run_dir: Path, init: str, dataset: str, cutoff: float) -> tu
 def batch_warnings(batch: Batch, cutoff: float, domain: TrainingDomain | None) -> list[str]:
     """The ``warning`` text of each structure of a (CPU) batch (empty when nothing is wrong)."""
     b = batch.num_graphs
-    has_neighbor = torch.zeros(batch.num_nodes, dtype=torch.bool)
-    has_neighbor[batch.edge_index[0]] = True
-    lonely = torch.bincount(batch.batch[~has_neighbor], minlength=b).tolist()
+    lonely = isolated_atoms(batch).tolist()
+    n_sites = torch.bincount(batch.batch, minlength=b).tolist()
     notes: list[list[str]] = [[] for _ in range(b)]
     for i in range(b):
         if lonely[i]:
-            notes[i].append(graph_warning(batch.get_example(i), cutoff))
+            notes[i].append(isolated_warning(lonely[i], n_sites[i], cutoff))
     if domain is not None:
-        n_sites = torch.bincount(batch.batch, minlength=b).tolist()
         limit = SIZE_FACTOR * domain.max_atoms
         ptr = batch.ptr.tolist()
         for i in range(b):

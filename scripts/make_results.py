@@ -33,22 +33,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paraisite.report import (  # noqa: E402
     COLUMN_NAMES, METRIC_TITLES, aggregate, collapsed, paper_name, paper_value, read_csv, write_csv,
 )
+from paraisite.rundir import RunDir  # noqa: E402
 
 METRIC_DIGITS = {"mape": 2, "mape_paper_scale": 2, "r2": 2, "mae": 2, "rmse": 2}
 
 
 def load_run(folder: Path) -> dict | None:
     """A finished run folder, or its copy made by this script; None for anything else."""
-    if not (folder / "results.csv").is_file() or not (folder / "config.json").is_file():
+    run = RunDir(folder)
+    config = run.read_config()
+    if not run.results().is_file() or config is None:
         return None
-    config = json.loads((folder / "config.json").read_text())
     if (folder / "curves.csv").is_file():  # the copy: one file, a split column
         curves: dict[int, list[dict[str, str]]] = {}
         for row in read_csv(folder / "curves.csv"):
             curves.setdefault(int(row.pop("split")), []).append(row)
     else:
-        curves = {int(d.name[5:]): read_csv(d / "curve.csv") for d in sorted(folder.glob("split*")) if (d / "curve.csv").is_file()}
-    return {"folder": folder, "config": config, "results": read_csv(folder / "results.csv"), "curves": curves,
+        curves = {k: read_csv(run.curve(k)) for k in run.splits() if run.curve(k).is_file()}
+    return {"folder": folder, "config": config, "results": read_csv(run.results()), "curves": curves,
             "name": paper_name(config["init"], config["dataset"])}
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the paper's protocol (docs/paraisite-protocol.md) and rebuild docs/results.md from it.
+# Run the paper's protocol (docs/training.md) and rebuild docs/results.md from it.
 #
 #   bash scripts/reproduce.sh                  # the full protocol: every stage 300 epochs, nine splits
 #   AFLOW_EPOCHS=30 bash scripts/reproduce.sh  # what docs/results.md shows: the AFLOW stage cut to 30 epochs

@@ -27,7 +27,7 @@ from paraisite.training import TrainConfig, train  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import scan  # noqa: E402
-import train  # noqa: E402
+import train as train_py  # noqa: E402
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 CONFIG = TrainConfig(init="fe", dataset="togo15", epochs=3)
@@ -91,10 +91,10 @@ def test_checkpoints_written_on_cuda_load_on_a_cpu(runs):
 def test_train_py_on_cuda_skips_finished_splits_and_scan_on_cuda_matches_cpu(workdir):
     args = ["--init", "rw", "--dataset", "togo15", "--epochs", "2", "--splits", "2", "--device", "cuda",
             "--no-progress", "--run-dir", "runs/cuda_rw"]
-    assert train.main(args + ["--ensemble"]) == 0
+    assert train_py.main(args + ["--ensemble"]) == 0
     finals = [workdir / "runs/cuda_rw" / f"split{k}" / "final.pt" for k in (1, 2)]
     stamps = [f.stat().st_mtime_ns for f in finals]
-    assert train.main(args + ["--ensemble"]) == 0  # finished splits are skipped, not retrained
+    assert train_py.main(args + ["--ensemble"]) == 0  # finished splits are skipped, not retrained
     assert [f.stat().st_mtime_ns for f in finals] == stamps
     cache = workdir / "data" / "togo15_cutoff4.h5"
     rows = {}
