@@ -17,13 +17,18 @@ from pathlib import Path
 ENV_VAR = "MEGNET_PT_HOME"
 
 
-def home() -> Path:
-    """The folder that holds the published weights."""
-    value = os.environ.get(ENV_VAR)
+def home_folder(env_var: str, name: str) -> Path:
+    """``$<env_var>``, else ``$XDG_CACHE_HOME/<name>`` (default ``~/.cache/<name>``)."""
+    value = os.environ.get(env_var)
     if value:
         return Path(value).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "megnet_pt"
+    return Path(cache) / name
+
+
+def home() -> Path:
+    """The folder that holds the published weights."""
+    return home_folder(ENV_VAR, "megnet_pt")
 
 
 def weights_dir(name: str | None = None) -> Path:

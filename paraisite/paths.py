@@ -13,10 +13,10 @@ folders are passed down to it.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from megnet_pt.download import resolve_base_url
+from megnet_pt.paths import home_folder
 
 ENV_VAR = "PARAISITE_HOME"
 BASE_URL_ENV = "PARAISITE_BASE_URL"
@@ -24,11 +24,7 @@ BASE_URL_ENV = "PARAISITE_BASE_URL"
 
 def home() -> Path:
     """The folder that holds the input data and published weights."""
-    value = os.environ.get(ENV_VAR)
-    if value:
-        return Path(value).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "paraisite"
+    return home_folder(ENV_VAR, "paraisite")
 
 
 def data_dir(name: str | None = None) -> Path:

@@ -33,12 +33,8 @@ and edges ``edge_ptr[s]:edge_ptr[s+1]``:
     failures/ids, failures/reasons  str       inputs that could not be converted
     sources/names, sources/sha256   str       every source file and its checksum
 
-Building writes ``<out>.partial`` in HDF5's single-writer (SWMR) mode, which
-orders writes so that the file on disk stays readable after a kill; a
-``progress`` array records how many inputs are safely written, and is updated
-only after their data has been flushed. Re-running the same build resumes from
-there. When all inputs are done the partial file is copied into a compact,
-final file under a temporary name, which is renamed to ``<out>``.
+A build writes ``<out>.partial`` first, with a ``progress`` array, and renames
+the compacted file to ``<out>`` when complete (``writer.py``).
 """
 from __future__ import annotations
 
