@@ -32,7 +32,7 @@ from paraisite.report import paper_name
 from paraisite.rundir import SELECTIONS
 from paraisite.scan_files import ScanError, record_run
 from paraisite.scan_summary import summarize, write_summary
-from paraisite.screening import run_scan, training_domain
+from paraisite.screening import ScanSettings, run_scan, training_domain
 
 DEFAULT_MODELS = "runs/fe+af_togo15"
 
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         start = time.perf_counter()
         started_utc = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        report = run_scan(cache, ensemble, out, batch_size=batch_size, device=device, eform_model=eform, domain=domain,
-                          rank=rank, world=world, progress=not args.no_progress, sync=sync)
+        settings = ScanSettings(batch_size, device, eform, domain, rank, world, not args.no_progress, sync)
+        report = run_scan(cache, ensemble, out, settings)
     except (CheckpointError, CacheError, ScanError, ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

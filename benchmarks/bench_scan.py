@@ -103,7 +103,7 @@ def measure(args: argparse.Namespace) -> dict:
     from megnet_pt.cache import GraphCache
     from paraisite.ensemble import load_ensemble
     from paraisite.scan_files import ScanPaths
-    from paraisite.screening import run_scan
+    from paraisite.screening import ScanSettings, run_scan
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,7 +128,7 @@ def measure(args: argparse.Namespace) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     wall, cpu = time.perf_counter(), time.process_time()
-    report = run_scan(cache, ensemble, out, batch_size=args.batch_size, device=device, progress=False)
+    report = run_scan(cache, ensemble, out, ScanSettings(args.batch_size, device, progress=False))
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

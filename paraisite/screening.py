@@ -251,27 +251,31 @@ def shard(positions: np.ndarray, rank: int, world: int) -> np.ndarray:
     return positions[bounds[rank] : bounds[rank + 1]]
 
 
-def run_scan(
-    cache: GraphCache,
-    ensemble: Ensemble,
-    out: str | Path,
-    batch_size: int = 32,
-    device: torch.device | str = "cpu",
-    eform_model: FusedEform | None = None,
-    domain: TrainingDomain | None = None,
-    rank: int = 0,
-    world: int = 1,
-    progress: bool = True,
-    sync: Any = None,
-) -> ScanReport:
+@dataclass
+class ScanSettings:
+    """How to carry out a scan; none of this changes its rows."""
+
+    batch_size: int = 32
+    device: torch.device | str = "cpu"
+    eform_model: FusedEform | None = None  # adds the formation-energy column
+    domain: TrainingDomain | None = None  # adds the outside-the-training-data warnings
+    rank: int = 0
+    world: int = 1
+    progress: bool = True
+    sync: Any = None  # the torch.distributed module under torchrun, None for one process
+
+
+def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: ScanSettings | None = None) -> ScanReport:
     """Predict every structure of ``cache`` that has no row yet; merge into ``out`` (see the module docstring).
 
-    ``sync`` is the torch.distributed module under torchrun (None for one
-    process): rank 0 prepares the parts and decides the shares, every rank
-    writes its own part, rank 0 merges. Returns this process's report.
+    Under torchrun rank 0 prepares the parts and decides the shares, every
+    rank writes its own part, rank 0 merges. Returns this process's report.
     """
+    settings = settings or ScanSettings()
+    batch_size, eform_model, domain = settings.batch_size, settings.eform_model, settings.domain
+    rank, world, progress, sync = settings.rank, settings.world, settings.progress, settings.sync
     start = time.perf_counter()
-    device = torch.device(device)
+    device = torch.device(settings.device)
     paths = ScanPaths(Path(out))
     with_eform = eform_model is not None
     header = columns(ensemble.info.splits if ensemble.info else range(1, len(ensemble) + 1), with_eform)
