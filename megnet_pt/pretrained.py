@@ -21,7 +21,6 @@ from pathlib import Path
 from . import paths
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from .download import sha256_file
-from .convert import convert_published
 from .model import MEGNet
 
 DEFAULT_MODEL = "MEGNet-MP-2018.6.1-Eform"
@@ -65,6 +64,8 @@ def load_pretrained(name: str = DEFAULT_MODEL, weights_dir: str | Path | None = 
         from .download import fetch_published_weights
 
         published = fetch_published_weights(name, base_url=base_url, folder=published, advice=advice)
+    from .convert import convert_published  # here, so that python -m megnet_pt.convert finds no copy of itself
+
     model, sources = convert_published(published)
     try:
         save_checkpoint(model, checkpoint, name, sources)
@@ -79,6 +80,8 @@ def load_model(spec: str | Path) -> MEGNet:
     if p.is_file():
         return load_checkpoint(p)
     if p.is_dir():
+        from .convert import convert_published
+
         return convert_published(p)[0]
     if str(spec).endswith(".pt"):
         raise CheckpointError(f"{spec}: no such checkpoint file")
