@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def is_cache(inputs: list[str]) -> bool:
-    return len(inputs) == 1 and Path(inputs[0]).suffix.lower() in (".h5", ".hdf5") and not Path(inputs[0]).is_dir()
+    """One graph cache (.h5), or structure files; several caches, or a cache among structure files, are an error."""
+    caches = [i for i in inputs if Path(i).suffix.lower() in (".h5", ".hdf5") and not Path(i).is_dir()]
+    if caches and len(inputs) > 1:
+        raise ValueError(f"{', '.join(caches)}: scan one graph cache at a time, or structure files (CIF, JSON, "
+                         "extended XYZ, folders) without a cache among them")
+    return bool(caches)
 
 
 def open_cache(args: argparse.Namespace, cutoff: float, rank: int, world: int) -> GraphCache:
@@ -102,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, local_rank = distributed()
     sync = torch.distributed if world > 1 else None
     try:
+        is_cache(args.inputs)  # several caches are refused before anything is loaded or written
         if args.top < 0 or (args.batch_size is not None and args.batch_size < 1):
             raise ValueError("--top must be >= 0 and --batch-size >= 1")
         device = process_device(args.device, world, local_rank)

@@ -15,6 +15,7 @@ arguments resumes an interrupted run and skips finished splits.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -87,9 +88,9 @@ def validate_names(args: argparse.Namespace) -> list[str]:
     for v, flag in ((args.epochs, "--epochs"), (args.batch_size, "--batch-size")):
         if v < 1:
             raise DatasetError(f"{flag} must be at least 1 (got {v})")
-    if args.lr <= 0:
-        raise DatasetError(f"--lr must be positive (got {args.lr})")
-    if args.clip_grad_norm is not None and not args.clip_grad_norm > 0:
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise DatasetError(f"--lr must be a positive number (got {args.lr})")
+    if args.clip_grad_norm is not None and not (math.isfinite(args.clip_grad_norm) and args.clip_grad_norm > 0):
         raise DatasetError(f"--clip-grad-norm must be positive (got {args.clip_grad_norm})")
     if args.select_holdout is not None and not 0 < args.select_holdout < 1:
         raise DatasetError(f"--select-holdout must be between 0 and 1 (got {args.select_holdout})")

@@ -11,9 +11,11 @@ A checkpoint is a ``dict`` saved with ``torch.save`` that loads with
     target      {"mean": float, "std": float}: prediction = raw * std + mean
     sources     {file name: sha256} of the files it was converted from
     state_dict  parameters and buffers of ``MEGNet``
+    sha256      digest of ``state_dict`` (``tensors_sha256``), checked on load
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,38 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def tensors_sha256(obj: Any) -> str:
+    """A digest of every tensor in ``obj`` (nested dicts and lists), with its place, dtype and shape.
+
+    Stored beside the weights in every checkpoint written here, so that a
+    damaged byte in a file that still unpickles is caught on load.
+    """
+    digest = hashlib.sha256()
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{where}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                walk(value[key], f"{where}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{where}/{i}")
+
+    walk(obj, "")
+    return digest.hexdigest()
+
+
+def check_digest(payload: dict[str, Any], key: str, path: str | Path) -> None:
+    """Refuse a checkpoint whose ``payload[key]`` does not match its recorded ``sha256`` (files without one pass)."""
+    recorded = payload.get("sha256")
+    if recorded is not None and recorded != tensors_sha256(payload.get(key)):
+        raise CheckpointError(f"{path}: its weights do not match the digest recorded when it was written: the file is "
+                              "damaged; delete it and make it again")
+
+
 def load_plain(path: str | Path) -> Any:
     """``torch.load(weights_only=True)`` on the CPU, with a ``CheckpointError`` naming a missing or corrupt file."""
     path = Path(path)
@@ -66,6 +100,7 @@ def save_checkpoint(model: MEGNet, path: str | Path, name: str, sources: dict[st
         "sources": dict(sources or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    payload["sha256"] = tensors_sha256(payload["state_dict"])
     return atomic_save(payload, path)
 
 
@@ -78,6 +113,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not supported (expected {VERSION})")
     if list(payload.get("elements", [])) != list(ELEMENTS):
         raise CheckpointError(f"{path}: the checkpoint's element vocabulary differs from megnet_pt's 89-element list")
+    check_digest(payload, "state_dict", path)
     return payload
 
 

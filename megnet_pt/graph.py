@@ -22,6 +22,8 @@ Fields of the returned ``Data``:
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from torch_geometric.data import Data
 from .elements import Z_TO_INDEX, UnsupportedElementError
 
 DEFAULT_CUTOFF = 4.0
+MIN_DISTANCE = 0.5  # Å; the shortest bond in a crystal (H-H) is about 0.74 Å
 
 
 class StructureError(ValueError):
@@ -76,7 +79,11 @@ def element_indices(structure: Structure, id: str | None = None) -> np.ndarray:
 def neighbor_list(
     cart_coords: np.ndarray, lattice: np.ndarray, cutoff: float = DEFAULT_CUTOFF
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """All (i, j, image, d) with 0 < d <= cutoff under periodic boundaries."""
+    """All (i, j, image, d) with 0 < d <= cutoff under periodic boundaries.
+
+    Raises ``StructureError`` when two sites are closer than
+    ``MIN_DISTANCE`` (atoms on top of each other, a duplicated site).
+    """
     coords = np.ascontiguousarray(cart_coords, dtype=float)
     src, dst, images, dist = find_points_in_spheres(
         coords,
@@ -86,18 +93,34 @@ def neighbor_list(
         lattice=np.ascontiguousarray(lattice, dtype=float),
         tol=1e-8,
     )
-    keep = dist > 1e-8
+    self_pair = (src == dst) & (np.abs(images).sum(axis=1) == 0)
+    close = ~self_pair & (dist < MIN_DISTANCE)
+    if close.any():
+        k = int(np.flatnonzero(close)[np.argmin(dist[close])])
+        raise StructureError(f"sites {src[k]} and {dst[k]} are {dist[k]:.3g} Å apart (closer than {MIN_DISTANCE} Å): "
+                             "overlapping or duplicated atoms")
+    keep = ~self_pair
     return src[keep].astype(np.int64), dst[keep].astype(np.int64), images[keep], dist[keep]
+
+
+def check_cutoff(cutoff: float) -> None:
+    """A cutoff must be a positive, finite distance (Å): 0, a negative or NaN cutoff makes graphs without edges."""
+    if not (isinstance(cutoff, (int, float)) and math.isfinite(cutoff) and cutoff > 0):
+        raise ValueError(f"the neighbour cutoff must be a positive number of Å (got {cutoff!r})")
 
 
 def structure_to_graph(structure: Any, cutoff: float = DEFAULT_CUTOFF, id: str | None = None) -> Data:
     """Build the MEGNet graph of one crystal (see the module docstring)."""
+    check_cutoff(cutoff)
     structure = as_structure(structure, id)
     node_type = element_indices(structure, id)
     lattice = structure.lattice.matrix
     if abs(np.linalg.det(lattice)) < 1e-6:
         raise StructureError(f"{id or structure.formula}: the lattice has zero volume")
-    src, dst, images, dist = neighbor_list(structure.cart_coords, lattice, cutoff)
+    try:
+        src, dst, images, dist = neighbor_list(structure.cart_coords, lattice, cutoff)
+    except StructureError as exc:
+        raise StructureError(f"{id or structure.formula}: {exc}") from None
     return Data(
         node_type=torch.from_numpy(node_type),
         edge_index=torch.from_numpy(np.stack([src, dst])),

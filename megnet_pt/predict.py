@@ -85,6 +85,39 @@ def predict_files(
     bar.close()
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse, before any work, an output that cannot be written: a folder, or a file in a folder that does not exist."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give the name of a file to write")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: the folder {path.parent} does not exist")
+
+
+def check_unique_ids(files: Sequence[Path]) -> None:
+    """Two files that would write rows with the same id (e.g. a.cif in two folders) are an error naming both."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for f in files:
+        sid = structure_id(f)
+        if sid in seen:
+            clashes.append(f"{sid} ({seen[sid]} and {f})")
+        seen.setdefault(sid, f)
+    if clashes:
+        raise ValueError(f"{len(clashes)} id(s) would appear twice in the output: {'; '.join(clashes[:10])}; "
+                         "rename the files or predict the folders one at a time")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m megnet_pt.predict",
@@ -96,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="MEGNet-MP-2018.6.1-Eform",
                         help="a published model name (found or converted via MEGNET_PT_HOME), a converted checkpoint (.pt), "
                         "or a folder with state.pt and model.json (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="structures per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="structures per batch (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     args = parser.parse_args(argv)
 
@@ -104,10 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     from .pretrained import load_model
 
     try:
+        if args.output != "-":
+            check_output_file(Path(args.output))
         files = find_structure_files(args.inputs)
+        check_unique_ids(files)
         device = resolve_device(args.device)
         model = load_model(args.model)
-    except (FileNotFoundError, CheckpointError, RuntimeError) as exc:
+    except (FileNotFoundError, CheckpointError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = sys.stdout if args.output == "-" else open(args.output, "w", newline="")

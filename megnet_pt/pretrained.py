@@ -42,9 +42,12 @@ def load_pretrained(name: str = DEFAULT_MODEL, weights_dir: str | Path | None = 
                     advice: str | None = None) -> MEGNet:
     """The published model ``name`` as a ``MEGNet`` in eval mode (see the module docstring).
 
-    ``base_url`` and ``advice`` are passed to the download (a mirror, and what
-    to tell the user if it fails).
+    ``name`` may also be the path of a folder of published files. ``base_url``
+    and ``advice`` are passed to the download (a mirror, and what to tell the
+    user if it fails).
     """
+    if Path(name).name != name:  # a path to a folder of published files: its name names the model
+        published_dir, name = published_dir or Path(name), Path(name).name
     checkpoint = converted_path(name, weights_dir)
     published = Path(published_dir) if published_dir is not None else paths.weights_dir(name)
     have_published = (published / "state.pt").is_file() and (published / "model.json").is_file()

@@ -36,27 +36,35 @@ def read_structure(path: str | Path) -> Structure:
         raise StructureError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise StructureError(f"{path}: the file is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    if path.name.lower().endswith(".cif"):
+        with open(path, errors="replace") as f:
+            blocks = sum(1 for line in f if line[:5].lower() == "data_")
+        if blocks > 1:  # pymatgen would silently read the first
+            raise StructureError(f"{path}: holds {blocks} structures (data_ blocks); give one structure per file")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
             structure = Structure.from_file(path)
-    except Exception as exc:  # pymatgen raises many kinds on bad input
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StructureError(f"{path}: cannot read a structure ({reason})") from exc
+        except Exception as exc:  # pymatgen raises many kinds on bad input
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            # pymatgen says why it dropped a structure in a warning (e.g. occupancies above 1 from overlapping atoms)
+            why = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
+            raise StructureError(f"{path}: cannot read a structure ({reason}" + (f"; {why[-1]}" if why else "")
+                                 + ")") from exc
     if len(structure) == 0:
         raise StructureError(f"{path}: the file holds no atomic sites")
     return structure
 
 
-def find_structure_files(inputs: Iterable[str | Path], pattern: str = "*.cif") -> list[Path]:
-    """CIF files named directly, plus every ``*.cif`` in named folders (sorted)."""
+def find_structure_files(inputs: Iterable[str | Path], suffix: str = ".cif") -> list[Path]:
+    """Files named directly, plus every ``*.cif`` (any case: ``A.CIF`` too) in named folders (sorted)."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(p.rglob(pattern))
+            found = sorted(f for f in p.rglob("*") if f.name.lower().endswith(suffix) and f.is_file())
             if not found:
-                raise FileNotFoundError(f"{p}: no {pattern} files in this folder")
+                raise FileNotFoundError(f"{p}: no *{suffix} files in this folder")
             files.extend(found)
         elif p.exists():
             files.append(p)
@@ -228,10 +236,15 @@ def _as_label(value: Any) -> float | None:
     return None
 
 
+def plain_id(name: str) -> bool:
+    """Whether ``name`` can name ``<name>.cif`` inside a folder: not empty, no separators, no '..', no outer spaces."""
+    return bool(name) and name == name.strip() and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
 def _dataset_folder(folder: Path) -> tuple[list[StructureEntry], list[str], list[tuple[str, Path]]]:
     """``labels.csv`` rows in file order; every numeric column but id/formula is a label."""
     labels_csv = folder / DATASET_LABELS
-    with open(labels_csv, newline="") as f:
+    with open(labels_csv, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel) is not part of "id"
         reader = csv.DictReader(f)
         columns = list(reader.fieldnames or [])
         rows = list(reader)
@@ -247,9 +260,13 @@ def _dataset_folder(folder: Path) -> tuple[list[StructureEntry], list[str], list
 
     names = [c for c in columns if c not in NOT_LABELS and numeric(c)]
     cif_dir = folder / "cif" if (folder / "cif").is_dir() else folder
+    odd = [f"line {line} ({r['id']!r})" for line, r in enumerate(rows, start=2) if not plain_id(r["id"] or "")]
+    if odd:
+        raise StructureError(f"{labels_csv}: {len(odd)} id(s) are not plain file names (an id names cif/<id>.cif: no path "
+                             f"separators, no '..', no white space around it, not empty): {', '.join(odd[:10])}")
     entries, files = [], [(DATASET_LABELS, labels_csv)]
     for r in rows:
-        sid = r["id"].strip()
+        sid = r["id"]
         path = cif_dir / f"{sid}.cif"
         labels = {n: float(r[n]) if (r[n] or "").strip() else math.nan for n in names}
         entries.append(StructureEntry(sid, path, None, labels))

@@ -20,6 +20,7 @@ from torch_geometric.data import Data
 
 from megnet_pt import paths as megnet_paths
 from megnet_pt.cache import ensure_cache
+from megnet_pt.structures import plain_id
 
 from . import paths
 from .splits import holdout_parts, split_parts
@@ -82,8 +83,13 @@ def dataset_folder(name: str) -> Path:
 
 
 def read_labels(labels_csv: Path) -> tuple[list[str], list[str], np.ndarray]:
-    """ids, formulas and LTC from ``labels.csv``; NaN, infinite, zero or negative labels are errors."""
-    with open(labels_csv, newline="") as f:
+    """ids, formulas and LTC from ``labels.csv``; NaN, infinite, zero or negative labels are errors.
+
+    An id names ``cif/<id>.cif``: one with a path separator, ``..``, or white
+    space around it is an error naming its line. A byte-order mark (a file
+    saved by Excel) is read as such.
+    """
+    with open(labels_csv, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = {"id", "ltc"} - set(reader.fieldnames or [])
         if missing:
@@ -91,6 +97,11 @@ def read_labels(labels_csv: Path) -> tuple[list[str], list[str], np.ndarray]:
         rows = list(reader)
     if not rows:
         raise DatasetError(f"{labels_csv}: no rows")
+    odd = [f"line {line} ({row['id']!r})" for line, row in enumerate(rows, start=2) if not plain_id(row["id"] or "")]
+    if odd:
+        shown = ", ".join(odd[:10]) + (f" and {len(odd) - 10} more" if len(odd) > 10 else "")
+        raise DatasetError(f"{labels_csv}: {len(odd)} id(s) are not plain file names (an id names cif/<id>.cif: no "
+                           f"path separators, no '..', no white space around it, not empty): {shown}")
     bad, values = [], []
     for line, row in enumerate(rows, start=2):
         try:

@@ -97,6 +97,10 @@ def run_protocol(config: TrainConfig, plan: Plan, report: bool = True) -> bool:
     mine = plan.splits[plan.rank :: plan.world]
     aflow = RunDir(config.aflow_run) if config.init in ("fe+af", "rw+af") else None
     needs_stage = aflow is not None and any(not aflow.finished(k) for k in plan.splits)
+    if aflow is not None:  # before anything is written: a refused AFLOW model leaves no config.json behind
+        for k in mine:
+            if aflow.finished(k):
+                check_aflow_checkpoint(aflow, config.init, k, config.cutoff)
     # Under torchrun, rank 0 writes config.json and builds the graph caches; the others then only read them.
     datasets = _datasets(config, plan, needs_stage) if plan.rank == 0 else {}
     barrier(plan.world)
@@ -104,8 +108,6 @@ def run_protocol(config: TrainConfig, plan: Plan, report: bool = True) -> bool:
         datasets = _datasets(config, plan, needs_stage)
     if aflow is not None:
         missing = [k for k in mine if not aflow.finished(k)]  # never started or interrupted: trained or resumed here
-        for k in sorted(set(mine) - set(missing)):
-            check_aflow_checkpoint(aflow, config.init, k, config.cutoff)
         if missing:
             stage = config.aflow_stage()
             print(f"AFLOW stage of split(s) {missing} not finished in {aflow}: training it first ({stage.init}, aflow_agl)",

@@ -25,6 +25,8 @@ import numpy as np
 from megnet_pt.cache import GraphCache
 from megnet_pt.download import sha256_file
 
+from .rundir import RunDir
+
 if TYPE_CHECKING:
     from .ensemble import Ensemble
 
@@ -75,7 +77,7 @@ def scan_meta(ensemble: "Ensemble", cache: GraphCache, header: list[str]) -> dic
         "version": VERSION,
         "models": str(info.run_dir.resolve()) if info else None,
         "selection": info.selection if info else None,
-        "checkpoints": ({str(k): sha256_file(info.run_dir / f"split{k}" / f"{info.selection}.pt") for k in info.splits}
+        "checkpoints": ({str(k): sha256_file(RunDir(info.run_dir).checkpoint(k, info.selection)) for k in info.splits}
                         if info else None),
         "cache_ids_sha256": cache.attrs.get("ids_sha256"),
         "cache_sources_sha256": cache.attrs.get("sources_sha256"),

@@ -31,7 +31,6 @@ left. The summary (top table, plots, correlations): :mod:`paraisite.scan_summary
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import shutil
@@ -52,6 +51,7 @@ from megnet_pt.predict import isolated_warning
 
 from .ensemble import Ensemble
 from .fused import FusedEform
+from .rundir import RunDir
 from .scan_files import ScanPaths, append_rows, merge_parts, prepare_parts
 
 STAT_COLUMNS = ["ltc_mean", "ltc_std", "ltc_std_over_mean", "ltc_max", "ltc_max_x_std_over_mean"]
@@ -129,9 +129,7 @@ class TrainingDomain:
 
 def training_domain(run_dir: Path, init: str, dataset: str, cutoff: float) -> tuple[TrainingDomain | None, str]:
     """The domain of the run's training data (its dataset, and AFLOW AGL for the ``+af`` inits), or a note why not."""
-    config = Path(run_dir) / "config.json"
-    if config.is_file():
-        dataset = json.loads(config.read_text()).get("dataset", dataset)
+    dataset = (RunDir(run_dir).read_config() or {}).get("dataset", dataset)
     names = [dataset] + (["aflow_agl"] if init.endswith("+af") else [])
     try:
         from .datasets import load_dataset

@@ -23,6 +23,7 @@ uninterrupted one.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from megnet_pt import MEGNet
-from megnet_pt.checkpoint import CheckpointError, atomic_save, load_plain
+from megnet_pt.checkpoint import CheckpointError, atomic_save, check_digest, load_plain, tensors_sha256
 
 from .checkpoint import load_ltc_model, read_model_checkpoint, save_model
 from .datasets import LTCDataset
@@ -48,6 +49,10 @@ T_MAX = 1000
 ETA_MIN = 1e-5
 STATE_FORMAT = "paraisite.train_state"
 STATE_VERSION = 2
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite: the message names the split and the epoch."""
 
 
 @dataclass
@@ -119,6 +124,7 @@ def _load_state(path, group: list[int], dataset: str) -> dict:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path}: not a resume state of this version ({STATE_FORMAT} v{STATE_VERSION}); "
                               f"delete it to restart split(s) {group}")
+    check_digest(state, "members", path)
     if state.get("splits") != group or state.get("dataset") != dataset:
         raise CheckpointError(f"{path}: resume state of split(s) {state.get('splits')} on {state.get('dataset')!r}, "
                               f"not of split(s) {group} on {dataset!r}; delete it to restart")
@@ -215,6 +221,12 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
         vals = stepper.losses(val_idx)
         sels = stepper.losses(select_idx) if config.select_holdout else vals
         train_loss = (total / n_train).tolist()
+        diverged = [(k, v) for m, k in enumerate(group) for v in (train_loss[m], vals[m]) if not math.isfinite(v)]
+        if diverged:  # before anything of this epoch is written: the files hold the last finite epoch
+            bar.close()
+            raise TrainingDiverged(
+                f"{run}: split {diverged[0][0]} diverged in epoch {epoch} (a loss of {diverged[0][1]}); the run stops with "
+                f"epoch {epoch - 1} saved. Lower --lr, or try --clip-grad-norm 10, in another --run-dir")
         seconds = (time.perf_counter() - t0) / M  # each split's share of the epoch
         for m, k in enumerate(group):
             curves[k].append({"epoch": epoch, "train_loss": train_loss[m], "val_loss": vals[m], "lr": lr,
@@ -225,8 +237,8 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
                            split=k, epoch=epoch)
         members, param_group = stepper.state()
         atomic_save({"format": STATE_FORMAT, "version": STATE_VERSION, "splits": group, "dataset": data.name,
-                     "members": members, "param_group": param_group, "scheduler": scheduler.state_dict(),
-                     "curves": curves, "bests": bests}, path)
+                     "members": members, "sha256": tensors_sha256(members), "param_group": param_group,
+                     "scheduler": scheduler.state_dict(), "curves": curves, "bests": bests}, path)
         for k in group:
             write_csv(run.curve(k), curves[k])
         bar.set_postfix(val=" ".join(f"{v:.3f}" for v in vals), best=" ".join(f"{bests[k]['val']:.3f}" for k in group))

@@ -302,7 +302,7 @@ def test_truncated_and_corrupt_files_are_detected(built: dict[str, Path], tmp_pa
 
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not HDF5 at all" * 100)
-    with pytest.raises(CacheError, match=f"{garbage}: cannot be opened as HDF5"):
+    with pytest.raises(CacheError, match=f"{garbage}: not a graph cache \\(not an HDF5 file; damaged"):
         GraphCache(garbage)
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:

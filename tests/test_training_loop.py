@@ -70,6 +70,7 @@ def test_stacked_matches_the_plain_step(runs):
         for selection in ("best", "final"):
             pa, pb = checkpoint(seq, k, selection), checkpoint(ens, k, selection)
             wa, wb = pa.pop("state_dict"), pb.pop("state_dict")
+            pa.pop("sha256"), pb.pop("sha256")  # of the weights, which agree to round-off only
             assert pa == pb  # metadata: epoch, selection, transform, config
             assert wa.keys() == wb.keys()
             for name, value in wa.items():

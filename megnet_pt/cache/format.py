@@ -196,6 +196,13 @@ def _open_h5(path: Path, **kwargs: Any) -> h5py.File:
         partial_path = _partial_path(path)
         hint = f" (an interrupted build left {partial_path}: re-run the build to resume it)" if partial_path.exists() else ""
         raise CacheError(f"{path}: no such graph cache{hint}")
+    if path.is_file() and not h5py.is_hdf5(path):
+        with open(path, "rb") as f:
+            start = f.read(8)
+        if start != b"\x89HDF\r\n\x1a\n"[: len(start)] or not start:  # not even the start of an HDF5 file
+            hint = ("damaged, or written by something else" if path.suffix.lower() in (".h5", ".hdf5") else
+                    f"to cache structure files: python -m megnet_pt.cache build {path} -o graphs.h5")
+            raise CacheError(f"{path}: not a graph cache (not an HDF5 file; {hint})")
     try:
         return h5py.File(path, "r", locking="best-effort", **kwargs)
     except OSError as exc:

@@ -18,7 +18,7 @@ from torch_geometric.data import Batch, Data
 
 from .format import (
     BLOCK_BYTES, CHUNK_CACHE_BYTES, EDGE_ARRAYS, FORMAT, GRAPH_ARRAYS, IN_MEMORY_BYTES, NODE_ARRAYS, SCHEMA_VERSION, STRING_ARRAYS,
-    CacheError, _attr, _open_h5, _strings, _strings_sha256,
+    CacheError, _attr, _open_h5, _partial_path, _strings, _strings_sha256,
 )
 
 
@@ -105,7 +105,11 @@ class GraphCache:
         if version != SCHEMA_VERSION:
             raise self._fail(f"schema version {version}, this reader understands {SCHEMA_VERSION}: rebuild the cache")
         if not _attr(f, "complete"):
-            raise self._fail("incomplete: the build did not finish; re-run it to resume")
+            # a finished build renames its file only once complete: an incomplete one under this name was damaged
+            partial = _partial_path(self.path)
+            hint = (f"the interrupted build is in {partial}: re-run it to resume" if partial.exists()
+                    else "no interrupted build of it is left to resume: delete it and build it again")
+            raise self._fail(f"marked incomplete ({hint})")
         stored_cutoff = float(_attr(f, "cutoff"))
         if cutoff is not None and not math.isclose(stored_cutoff, float(cutoff), rel_tol=0, abs_tol=1e-9):
             raise self._fail(

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .. import paths
 from ..elements import ELEMENTS
-from ..graph import DEFAULT_CUTOFF, structure_to_graph
+from ..graph import DEFAULT_CUTOFF, check_cutoff, structure_to_graph
 from ..structures import StructureEntry, StructureInputs, collect_structures
 from .format import (
     COMMIT_EVERY, EDGE_ARRAYS, GRAPH_ARRAYS, NODE_ARRAYS, RESUME_KEYS, CacheError, _attr, _create, _header,
@@ -88,8 +88,19 @@ def build_cache(
     content does not depend on ``workers``. An existing ``out`` is replaced.
     """
     out = Path(out)
+    check_output(out, cutoff)
     with _build_lock(out):
         return _build(inputs, out, cutoff, workers, commit_every, progress)
+
+
+def check_output(out: Path, cutoff: float) -> None:
+    """Refuse, before any work, a cutoff that makes no graph or an ``out`` that cannot be a file."""
+    try:
+        check_cutoff(cutoff)
+    except ValueError as exc:
+        raise CacheError(f"{out}: cannot build: {exc}") from None
+    if out.is_dir():
+        raise CacheError(f"{out}: is a folder; give the name of the cache file to write (e.g. {out / 'graphs.h5'})")
 
 
 def _build(

@@ -1,0 +1,256 @@
+"""Bad input and damaged files: a clear error naming the file and the problem, before any work is lost or written."""
+import csv
+import json
+import math
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+
+from conftest import working_folder
+from megnet_pt import MEGNet, StructureError, load_pretrained, structure_to_graph
+from megnet_pt.cache import CacheError, GraphCache, build_cache, main as cache_main
+from megnet_pt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from megnet_pt.predict import main as predict_main
+from megnet_pt.structures import find_structure_files, read_structure
+from paraisite.checkpoint import load_ltc_model, save_model
+from paraisite.datasets import DatasetError, load_dataset
+from paraisite.model import ParAIsite
+from paraisite.transform import TargetTransform
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import scan  # noqa: E402
+import train as train_py  # noqa: E402
+
+MODEL = "MEGNet-MP-2018.6.1-Eform"
+
+
+@pytest.fixture
+def workdir(tmp_path, shared):
+    with working_folder(tmp_path, threads=1) as d:
+        yield d
+
+
+def copy_dataset(shared: Path, dest: Path, rows: int = 12, edit=None) -> Path:
+    """The first ``rows`` of Togo15 as a dataset folder of its own; ``edit(rows)`` may change them first."""
+    (dest / "cif").mkdir(parents=True)
+    table = list(csv.DictReader(open(shared / "data" / "togo15" / "labels.csv")))[:rows]
+    for r in table:
+        shutil.copy(shared / "data" / "togo15" / "cif" / f"{r['id']}.cif", dest / "cif" / f"{r['id']}.cif")
+    if edit:
+        edit(table)
+    with open(dest / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "formula", "ltc"])
+        w.writeheader()
+        w.writerows(table)
+    return dest
+
+
+# --- damaged checkpoints ---------------------------------------------------------------------------
+
+def flipped_copies(path: Path, dest: Path, n: int, seed: int = 0):
+    data = path.read_bytes()
+    rng = random.Random(seed)
+    for i in range(n):
+        k = rng.randrange(len(data))
+        damaged = bytearray(data)
+        damaged[k] ^= 1 << rng.randrange(8)
+        out = dest / f"flip{i}{path.suffix}"
+        out.write_bytes(bytes(damaged))
+        yield out
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_refused_or_harmless(workdir):
+    torch.manual_seed(0)
+    model = ParAIsite(MEGNet())
+    save_model(model, TargetTransform(0.5, 0.7), workdir / "final.pt", selection="final", init="rw", dataset="togo15",
+               split=1, epoch=3)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    refused = 0
+    for path in flipped_copies(workdir / "final.pt", workdir, 60):
+        try:
+            loaded, transform, _ = load_ltc_model(path)
+        except CheckpointError:
+            refused += 1
+            continue
+        assert transform == TargetTransform(0.5, 0.7)
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, original[key]), (path.name, key)
+    assert refused > 30  # most of the file is weights: most flips land there, and are caught
+    # a value changed as a damaged byte would change it, the rest of the file intact: refused, naming the file
+    payload = torch.load(workdir / "final.pt", weights_only=True)
+    payload["state_dict"]["head.0.weight"][0, 0] = 1e37
+    torch.save(payload, workdir / "edited.pt")
+    with pytest.raises(CheckpointError, match="edited.pt: its weights do not match the digest"):
+        load_ltc_model(workdir / "edited.pt")
+
+
+def test_a_damaged_converted_megnet_checkpoint_is_refused(workdir):
+    save_checkpoint(MEGNet(), workdir / "m.pt", "random")
+    payload = torch.load(workdir / "m.pt", weights_only=True)
+    payload["state_dict"]["node_embedding.weight"][3, 1] += 1.0
+    torch.save(payload, workdir / "m.pt")
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(workdir / "m.pt")
+
+
+def test_published_folder_given_by_path_is_converted_into_the_working_folder(workdir, shared):
+    published = workdir / "home" / "weights" / MODEL
+    shutil.copytree(shared / "weights" / MODEL, published)
+    model = load_pretrained(str(published))
+    assert (workdir / "weights" / f"{MODEL}.pt").is_file()
+    assert sorted(p.name for p in published.parent.iterdir()) == [MODEL]  # nothing written beside the published folder
+    assert isinstance(model, MEGNet)
+
+
+# --- labels.csv ------------------------------------------------------------------------------------
+
+def test_labels_saved_with_a_byte_order_mark_load(workdir, shared):
+    folder = copy_dataset(shared, workdir / "bom")
+    text = (folder / "labels.csv").read_text()
+    (folder / "labels.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert len(load_dataset(str(folder))) == 12
+
+
+@pytest.mark.parametrize("bad", [" mp-1342", "../../../x", "/etc/passwd", "a/b", ""])
+def test_ids_that_are_not_plain_names_are_refused_with_their_line(workdir, shared, bad):
+    def edit(rows):
+        rows[3]["id"] = bad
+    folder = copy_dataset(shared, workdir / "odd", edit=edit)
+    with pytest.raises(DatasetError) as error:
+        load_dataset(str(folder))
+    assert "labels.csv: 1 id(s) are not plain file names" in str(error.value) and f"line 5 ({bad!r})" in str(error.value)
+    with pytest.raises(StructureError, match="line 5"):  # the cache refuses it too, reading nothing outside cif/
+        build_cache([folder], workdir / "odd.h5", progress=False)
+    assert not (workdir / "odd.h5").exists()
+
+
+# --- train.py --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "-1"])
+def test_a_learning_rate_that_is_not_a_positive_number(workdir, capsys, lr):
+    assert train_py.main(["--init", "rw", "--dataset", "togo15", "--epochs", "1", "--lr", lr, "--no-progress"]) == 2
+    assert "--lr must be a positive number" in capsys.readouterr().err
+    assert not (workdir / "runs").exists()
+
+
+def test_a_diverging_run_stops_naming_the_split_and_epoch(workdir, capsys):
+    args = ["--init", "rw", "--dataset", "togo15", "--epochs", "3", "--splits", "1", "--lr", "1e9", "--no-progress"]
+    assert train_py.main(args) == 2
+    err = capsys.readouterr().err
+    assert "split 1 diverged in epoch" in err and "no such checkpoint" not in err
+    run = workdir / "runs" / "rw_togo15"
+    assert not (run / "split1" / "final.pt").exists()
+
+
+def test_a_refused_aflow_run_writes_nothing(workdir, capsys, shared):
+    aflow = workdir / "runs" / "other_aflow" / "split1"
+    aflow.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = ParAIsite(MEGNet())
+    for selection in ("best", "final"):  # a finished stage, but of another init
+        save_model(model, TargetTransform(0.5, 0.7), aflow / f"{selection}.pt", selection=selection, init="rw",
+                   dataset="aflow_agl", split=1, epoch=1)
+    rc = train_py.main(["--init", "fe+af", "--dataset", "togo15", "--epochs", "1", "--splits", "1",
+                        "--aflow-run", str(aflow.parent), "--no-progress"])
+    assert rc == 2 and "init is 'rw', expected 'fe'" in capsys.readouterr().err
+    assert not (workdir / "runs" / "fe+af_togo15").exists()
+
+
+# --- structures --------------------------------------------------------------------------------
+
+def test_a_cif_with_two_structures_is_refused(workdir, shared):
+    a, b = sorted((shared / "data" / "togo15" / "cif").glob("*.cif"))[:2]
+    (workdir / "two.cif").write_text(a.read_text() + "\n" + b.read_text())
+    with pytest.raises(StructureError, match="two.cif: holds 2 structures"):
+        read_structure(workdir / "two.cif")
+
+
+def test_overlapping_atoms_are_refused_with_the_reason(workdir):
+    lattice = Lattice.cubic(4.0)
+    with pytest.raises(StructureError, match=r"x: sites 0 and 1 are 0.005 Å apart"):
+        structure_to_graph(Structure(lattice, ["Na", "Cl"], [[0, 0, 0], [0.00125, 0, 0]]), id="x")
+    with pytest.raises(StructureError, match="overlapping"):
+        structure_to_graph(Structure(lattice, ["Na", "Cl"], [[0, 0, 0], [0, 0, 0]]), id="y")
+    records = [{"material_id": "ok", "structure": Structure(lattice, ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).as_dict()},
+               {"material_id": "on-top", "structure": Structure(lattice, ["Na", "Cl"], [[0, 0, 0], [0, 0, 0.001]]).as_dict()}]
+    (workdir / "mp.json").write_text(json.dumps(records))
+    report = build_cache([workdir / "mp.json"], workdir / "mp.h5", progress=False)
+    assert report.structures == 1 and report.failures[0][0] == "on-top" and "apart" in report.failures[0][1]
+    cif = ("data_x\n_cell_length_a 4\n_cell_length_b 4\n_cell_length_c 4\n_cell_angle_alpha 90\n_cell_angle_beta 90\n"
+           "_cell_angle_gamma 90\n_symmetry_space_group_name_H-M 'P 1'\nloop_\n_atom_site_label\n_atom_site_type_symbol\n"
+           "_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n_atom_site_occupancy\n"
+           "Na1 Na 0 0 0 1\nCl1 Cl 0 0 0 1\n")
+    (workdir / "overlap.cif").write_text(cif)
+    with pytest.raises(StructureError) as error:
+        read_structure(workdir / "overlap.cif")
+    assert "overlap.cif" in str(error.value) and ";" in str(error.value)  # pymatgen's own reason is passed on
+
+
+@pytest.mark.parametrize("cutoff", [0.0, -1.0, math.nan, math.inf])
+def test_a_cutoff_that_makes_no_graph_is_refused(workdir, shared, cutoff):
+    with pytest.raises(ValueError, match="cutoff must be a positive number"):
+        structure_to_graph(read_structure(next((shared / "data" / "togo15" / "cif").glob("*.cif"))), cutoff=cutoff)
+    with pytest.raises(CacheError, match="cutoff"):
+        build_cache([shared / "data" / "togo15"], workdir / "c.h5", cutoff=cutoff, progress=False)
+    assert list(workdir.iterdir()) == []
+
+
+def test_upper_case_cif_names_are_found(workdir, shared):
+    (workdir / "in").mkdir()
+    source = next((shared / "data" / "togo15" / "cif").glob("*.cif"))
+    shutil.copy(source, workdir / "in" / "A.CIF")
+    shutil.copy(source, workdir / "in" / "b.cif")
+    assert [p.name for p in find_structure_files([workdir / "in"])] == ["A.CIF", "b.cif"]
+
+
+# --- command lines: outputs checked first, inputs that cannot be mixed ------------------------------
+
+def test_predict_checks_its_arguments_before_any_work(workdir, shared, capsys):
+    cifs = shared / "data" / "togo15" / "cif"
+    with pytest.raises(SystemExit) as exit_:
+        predict_main([str(cifs), "-o", "x.csv", "--batch-size", "-3", "--model", str(shared / "weights" / MODEL)])
+    assert exit_.value.code == 2 and not (workdir / "x.csv").exists()
+    (workdir / "folder").mkdir()
+    for out, message in (("folder", "is a folder"), ("missing/dir/x.csv", "does not exist")):
+        assert predict_main([str(cifs), "-o", out, "--model", str(shared / "weights" / MODEL)]) == 2
+        assert message in capsys.readouterr().err
+    for name in ("one", "two"):
+        (workdir / name).mkdir()
+        shutil.copy(next(cifs.glob("*.cif")), workdir / name / "same.cif")
+    assert predict_main([str(workdir / "one"), str(workdir / "two"), "-o", "dup.csv",
+                         "--model", str(shared / "weights" / MODEL)]) == 2
+    assert "same (" in capsys.readouterr().err and not (workdir / "dup.csv").exists()
+
+
+def test_cache_build_into_a_folder_is_refused_before_work(workdir, shared, capsys):
+    (workdir / "out").mkdir()
+    assert cache_main(["build", str(shared / "data" / "togo15"), "-o", "out", "--quiet"]) == 2
+    assert "out: is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in workdir.iterdir()) == ["out"]
+
+
+def test_cache_info_says_what_is_wrong(workdir, shared, capsys):
+    cif = next((shared / "data" / "togo15" / "cif").glob("*.cif"))
+    assert cache_main(["info", str(cif)]) == 2
+    err = capsys.readouterr().err
+    assert "not a graph cache (not an HDF5 file; to cache structure files" in err and "delete" not in err
+    build_cache([shared / "data" / "togo15"], workdir / "t.h5", progress=False)
+    with h5py.File(workdir / "t.h5", "r+") as f:
+        f.attrs["complete"] = False
+    with pytest.raises(CacheError, match="no interrupted build of it is left to resume"):
+        GraphCache(workdir / "t.h5")
+
+
+def test_scan_refuses_two_caches(workdir, capsys):
+    for name in ("a.h5", "b.h5"):
+        (workdir / name).write_bytes(b"")
+    assert scan.main(["a.h5", "b.h5", "--models", "runs/none"]) == 2
+    assert "scan one graph cache at a time" in capsys.readouterr().err
+    assert not (workdir / "data").exists()
