@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .graph import StructureError, isolated_atoms, structure_to_graph
 from .model import MEGNet
-from .structures import find_structure_files, read_structure, structure_id
+from .structures import StructureEntry, StructureInputs, collect_structures, structure_id
 
 COLUMNS = ["id", "formula", "n_atoms", "n_edges", "eform_ev_per_atom", "warning"]
 
@@ -54,20 +54,21 @@ def predict_graphs(model: MEGNet, graphs: Sequence[Data], device: torch.device |
 
 
 def predict_files(
-    files: Iterable[str | Path], model: MEGNet, batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True
+    files: Iterable[str | Path | StructureEntry], model: MEGNet, batch_size: int = 64,
+    device: torch.device | str = "cpu", progress: bool = True,
 ) -> Iterable[dict]:
-    """Yield one result row per file, in order (see ``COLUMNS``)."""
-    files = list(files)
+    """Yield one result row per structure file (or listed entry), in order (see ``COLUMNS``)."""
+    entries = [f if isinstance(f, StructureEntry) else StructureEntry(structure_id(f), Path(f)) for f in files]
     model = model.to(device).eval()
     cutoff = model.config.cutoff
-    bar = tqdm(total=len(files), unit="structure", disable=not progress or len(files) < 100)
-    for start in range(0, len(files), batch_size):
+    bar = tqdm(total=len(entries), unit="structure", disable=not progress or len(entries) < 100)
+    for start in range(0, len(entries), batch_size):
         rows, graphs, slots = [], [], []
-        for path in files[start : start + batch_size]:
+        for entry in entries[start : start + batch_size]:
             row = dict.fromkeys(COLUMNS, "")
-            row["id"] = structure_id(path)
+            row["id"] = entry.id
             try:
-                structure = read_structure(path)
+                structure = entry.load()
                 row["formula"] = structure.composition.reduced_formula
                 g = structure_to_graph(structure, cutoff=cutoff, id=row["id"])
                 row.update(n_atoms=g.num_nodes, n_edges=g.num_edges, warning=graph_warning(g, cutoff))
@@ -104,18 +105,11 @@ def check_output_file(path: Path) -> None:
         raise ValueError(f"{path}: the folder {path.parent} does not exist")
 
 
-def check_unique_ids(files: Sequence[Path]) -> None:
-    """Two files that would write rows with the same id (e.g. a.cif in two folders) are an error naming both."""
-    seen: dict[str, Path] = {}
-    clashes = []
-    for f in files:
-        sid = structure_id(f)
-        if sid in seen:
-            clashes.append(f"{sid} ({seen[sid]} and {f})")
-        seen.setdefault(sid, f)
-    if clashes:
-        raise ValueError(f"{len(clashes)} id(s) would appear twice in the output: {'; '.join(clashes[:10])}; "
-                         "rename the files or predict the folders one at a time")
+def check_unique_ids(listed: StructureInputs) -> None:
+    """Two structures that would write rows with the same id (e.g. a.cif in two folders) are an error naming both."""
+    if listed.duplicates_message():
+        raise ValueError(f"{listed.duplicates_message()}: each would have two rows; rename the files or predict the "
+                         "folders one at a time")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Predict the formation energy (eV/atom) of crystal structures with MEGNet. "
         "Writes id,formula,n_atoms,n_edges,eform_ev_per_atom,warning; files that fail keep their row with the reason.",
     )
-    parser.add_argument("inputs", nargs="+", help="CIF files or folders (searched recursively for *.cif)")
+    parser.add_argument("inputs", nargs="+", help="what python -m megnet_pt.cache build reads: CIF files or folders "
+                        "(searched for *.cif), dataset folders, pymatgen JSON (structures or Materials Project records), "
+                        "extended XYZ")
     parser.add_argument("-o", "--output", default="-", help="CSV to write (default: standard output)")
     parser.add_argument("--model", default="MEGNet-MP-2018.6.1-Eform",
                         help="a published model name (found or converted via MEGNET_PT_HOME), a converted checkpoint (.pt), "
@@ -139,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.output != "-":
             check_output_file(Path(args.output))
-        files = find_structure_files(args.inputs)
-        check_unique_ids(files)
+        listed = collect_structures(args.inputs)
+        check_unique_ids(listed)
+        files = listed.entries
         device = resolve_device(args.device)
         model = load_model(args.model)
-    except (FileNotFoundError, CheckpointError, RuntimeError, ValueError) as exc:
+    except (FileNotFoundError, CheckpointError, RuntimeError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = sys.stdout if args.output == "-" else open(args.output, "w", newline="")

@@ -73,13 +73,18 @@ def find_structure_files(inputs: Iterable[str | Path], suffix: str = ".cif") -> 
     return files
 
 
+def printable_name(name: str) -> str:
+    r"""A file name that is not valid UTF-8 (``\udcff`` from the file system) written as ``\xff``: one can store it."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def structure_id(path: str | Path) -> str:
-    """The id of a structure file: its name without the extension."""
-    name = Path(path).name
+    """The id of a structure file: its name without the extension (bytes that are not UTF-8 as ``\\xNN``)."""
+    name = printable_name(Path(path).name)
     for ext in (".cif.gz", ".cif", ".json", ".vasp"):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
-    return Path(path).stem
+    return Path(name).stem
 
 
 # ---------------------------------------------------------------------------
@@ -141,7 +146,7 @@ class StructureInputs:
     def file_checksums(self) -> list[tuple[str, str]]:
         """(name, sha256) of every source file; "missing" for a file that does not exist."""
         if self._checksums is None:
-            self._checksums = [(name, _sha256(path)) for name, path in self.files]
+            self._checksums = [(printable_name(name), _sha256(path)) for name, path in self.files]
         return self._checksums
 
     def sources_sha256(self) -> str:
@@ -154,6 +159,16 @@ class StructureInputs:
     def duplicate_ids(self) -> list[str]:
         counts = Counter(e.id for e in self.entries)
         return sorted(i for i, n in counts.items() if n > 1)
+
+    def duplicates_message(self) -> str:
+        """``""``, or how many ids repeat and where (the first ten)."""
+        duplicates = self.duplicate_ids()
+        if not duplicates:
+            return ""
+        where = {i: sorted({str(e.source) for e in self.entries if e.id == i}) for i in duplicates[:10]}
+        shown = "; ".join(f"{i} (in {' and '.join(files)})" for i, files in where.items())
+        return f"{len(duplicates)} duplicate id(s) in the inputs: {shown}" + (
+            f"; and {len(duplicates) - 10} more" if len(duplicates) > 10 else "")
 
 
 def collect_structures(inputs: Iterable[str | Path] | str | Path) -> StructureInputs:
@@ -237,8 +252,9 @@ def _as_label(value: Any) -> float | None:
 
 
 def plain_id(name: str) -> bool:
-    """Whether ``name`` can name ``<name>.cif`` inside a folder: not empty, no separators, no '..', no outer spaces."""
-    return bool(name) and name == name.strip() and name not in (".", "..") and "/" not in name and "\\" not in name
+    """Whether ``name`` can name ``<name>.cif`` inside a folder: not empty, one line, no separators, no '..', no outer spaces."""
+    return (bool(name) and name.isprintable() and name == name.strip() and name not in (".", "..")
+            and "/" not in name and "\\" not in name)
 
 
 def _dataset_folder(folder: Path) -> tuple[list[StructureEntry], list[str], list[tuple[str, Path]]]:

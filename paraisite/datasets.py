@@ -10,6 +10,7 @@ current folder and reused afterwards.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class LTCDataset:
     ltc: torch.Tensor  # float32 [n]
     graphs: list[Data]
     parts: list[tuple[str, int]] = field(default_factory=list)  # (source name, size), laid end to end
+    sources_sha256: str = ""  # of labels.csv and every structure file it was read from (the graph cache's record)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -136,7 +138,8 @@ def load_source(name: str, cutoff: float = 4.0, cache_dir: str | Path | None = N
         shown = "; ".join(f"{i}: {failures.get(i, 'not in cache')}" for i in missing[:10])
         raise DatasetError(f"{folder}: {len(missing)} structure(s) could not be turned into graphs: {shown}")
     graphs = [cache[position[i]] for i in ids]
-    return LTCDataset(label, ids, formulas, torch.tensor(ltc, dtype=torch.float32), graphs, [(label, len(ids))])
+    return LTCDataset(label, ids, formulas, torch.tensor(ltc, dtype=torch.float32), graphs, [(label, len(ids))],
+                      cache.sources_sha256)
 
 
 def load_dataset(name: str, cutoff: float = 4.0, cache_dir: str | Path | None = None, progress: bool = True) -> LTCDataset:
@@ -150,5 +153,6 @@ def load_dataset(name: str, cutoff: float = 4.0, cache_dir: str | Path | None = 
             torch.cat([p.ltc for p in parts]),
             [g for p in parts for g in p.graphs],
             [(p.name, len(p)) for p in parts],
+            hashlib.sha256("".join(p.sources_sha256 for p in parts).encode()).hexdigest(),
         )
     return load_source(name, cutoff, cache_dir, progress)

@@ -83,13 +83,20 @@ def write_reports(run: RunDir, config: TrainConfig, device: torch.device) -> Non
     plot_parity(own, run.path / "parity.png", f"{name}: validation, {len(splits)} split(s)")
 
 
+def recorded_config(config: TrainConfig, data: LTCDataset) -> dict:
+    """What ``config.json`` holds: the settings, and the digest of the inputs the run is trained on."""
+    return config.to_dict() | {"inputs": {data.name: data.sources_sha256}}
+
+
 def _datasets(config: TrainConfig, plan: Plan, needs_stage: bool) -> dict[str, LTCDataset]:
-    plan.run.check_config(config.to_dict())
-    if needs_stage:
-        RunDir(config.aflow_run).check_config(config.aflow_stage().to_dict())
-        load_dataset("aflow_agl", cutoff=config.cutoff, progress=plan.progress)  # its graph cache, before the ranks need it
+    """The datasets (graph caches built into ./data first); then each run folder's config.json is checked or written."""
     names = dict.fromkeys([config.dataset, *plan.tests])
-    return {name: load_dataset(name, cutoff=config.cutoff, progress=plan.progress) for name in names}
+    datasets = {name: load_dataset(name, cutoff=config.cutoff, progress=plan.progress) for name in names}
+    if needs_stage:
+        aflow = load_dataset("aflow_agl", cutoff=config.cutoff, progress=plan.progress)
+        RunDir(config.aflow_run).check_config(recorded_config(config.aflow_stage(), aflow))
+    plan.run.check_config(recorded_config(config, datasets[config.dataset]))
+    return datasets
 
 
 def run_protocol(config: TrainConfig, plan: Plan, report: bool = True) -> bool:

@@ -154,7 +154,8 @@ class RunDir:
         Processes that start on one new folder at once (one split each) may all
         write it: each through a file of its own, and each then compares its
         settings with the one that landed. A setting missing from an older
-        config.json counts as None.
+        config.json counts as None; ``inputs`` (the digest of the training
+        data) missing there is not known, so not compared.
         """
         current = _normalised(config)
         if not self.config_path.is_file():
@@ -164,7 +165,13 @@ class RunDir:
             os.replace(tmp, self.config_path)
         stored = _normalised(self.read_config() or {})
         # aflow_run too: +af models that started from other AFLOW models must not be taken as finished
-        diff = {key: (stored.get(key), value) for key, value in current.items() if stored.get(key) != value}
+        diff = {key: (stored.get(key), value) for key, value in current.items()
+                if stored.get(key) != value and not (key == "inputs" and key not in stored)}
+        if "inputs" in diff:
+            raise RunDirError(f"{self.path} was trained on other inputs: labels.csv or the structure files of "
+                              f"{', '.join(current['inputs'])} changed since (sha256 {diff['inputs'][0]} there, "
+                              f"{diff['inputs'][1]} now); its models and metrics are not of these data: use another "
+                              "--run-dir or delete it")
         if diff:
             shown = ", ".join(f"{key}: {a!r} there, {b!r} now" for key, (a, b) in diff.items())
             raise RunDirError(f"{self.path} holds a run with other settings ({shown}); use another --run-dir or delete it")

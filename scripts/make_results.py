@@ -61,10 +61,11 @@ def merge_runs(earlier: dict, later: dict) -> dict:
     to one run when their settings agree; otherwise the later run replaces
     the earlier whole.
     """
-    def settings(config: dict) -> dict:  # a setting added to train.py later is None in the runs made before it
-        return {key: value for key, value in config.items() if value is not None}
+    def settings(config: dict, other: dict) -> dict:  # a setting added to train.py later is None in the runs before it
+        # the inputs' digest is recorded since 2026-12-01: compared only where both runs have it
+        return {key: value for key, value in config.items() if value is not None and (key != "inputs" or key in other)}
 
-    if settings(earlier["config"]) != settings(later["config"]):
+    if settings(earlier["config"], later["config"]) != settings(later["config"], earlier["config"]):
         print(f"{later['folder']} replaces {earlier['folder']}: other settings", file=sys.stderr)
         return later
     mine = {int(r["split"]) for r in later["results"]}

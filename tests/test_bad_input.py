@@ -149,6 +149,25 @@ def test_a_diverging_run_stops_naming_the_split_and_epoch(workdir, capsys):
     assert not (run / "split1" / "final.pt").exists()
 
 
+def test_a_finished_run_is_not_taken_as_done_once_its_inputs_change(workdir, shared, capsys):
+    folder = copy_dataset(shared, workdir / "mine", rows=20)
+    args = ["--init", "rw", "--dataset", str(folder), "--epochs", "1", "--splits", "1", "--no-progress"]
+    assert train_py.main(args) == 0
+    assert json.loads((workdir / "runs" / "rw_mine" / "config.json").read_text())["inputs"]["mine"]
+    assert train_py.main(args) == 0 and "done" in capsys.readouterr().out  # the same inputs: done
+    rows = list(csv.DictReader(open(folder / "labels.csv")))
+    rows[2]["ltc"] = str(float(rows[2]["ltc"]) * 2)
+    with open(folder / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "formula", "ltc"])
+        w.writeheader()
+        w.writerows(rows)
+    assert train_py.main(args) == 2
+    assert "built from other sources" in capsys.readouterr().err  # the graph cache sees it first
+    (workdir / "data" / "mine_cutoff4.h5").unlink()  # as its message says: then it is built again, from the new labels
+    assert train_py.main(args) == 2
+    assert "was trained on other inputs: labels.csv or the structure files of mine changed" in capsys.readouterr().err
+
+
 def test_a_refused_aflow_run_writes_nothing(workdir, capsys, shared):
     aflow = workdir / "runs" / "other_aflow" / "split1"
     aflow.mkdir(parents=True)
@@ -210,6 +229,30 @@ def test_upper_case_cif_names_are_found(workdir, shared):
     assert [p.name for p in find_structure_files([workdir / "in"])] == ["A.CIF", "b.cif"]
 
 
+def test_file_names_that_are_not_utf8_keep_their_row(workdir, shared, capsys):
+    import os
+
+    (workdir / "in").mkdir()
+    source = next((shared / "data" / "togo15" / "cif").glob("*.cif"))
+    with open(os.fsencode(workdir / "in") + b"/caf\xe9.cif", "wb") as f:  # Latin-1, not UTF-8
+        f.write(source.read_bytes())
+    assert predict_main([str(workdir / "in"), "-o", "out.csv", "--model", str(shared / "weights" / MODEL)]) == 0
+    rows = list(csv.DictReader(open("out.csv")))
+    assert [r["id"] for r in rows] == ["caf\\xe9"] and rows[0]["eform_ev_per_atom"]
+    report = build_cache([workdir / "in"], workdir / "in.h5", progress=False)
+    assert report.structures == 1 and GraphCache(workdir / "in.h5").ids == ["caf\\xe9"]
+
+
+def test_ids_with_line_breaks_are_refused_before_a_cache_is_built(workdir):
+    lattice = Lattice.cubic(4.0)
+    good = Structure(lattice, ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).as_dict()
+    (workdir / "mp.json").write_text(json.dumps([{"material_id": "mp-1", "structure": good},
+                                                  {"material_id": "mp-2\nmp-3", "structure": good}]))
+    with pytest.raises(CacheError, match=r"1 id\(s\) are empty or hold line breaks.*'mp-2\\nmp-3' \(in .*mp.json\)"):
+        build_cache([workdir / "mp.json"], workdir / "mp.h5", progress=False)
+    assert sorted(p.name for p in workdir.iterdir()) == ["mp.json"]
+
+
 # --- command lines: outputs checked first, inputs that cannot be mixed ------------------------------
 
 def test_predict_checks_its_arguments_before_any_work(workdir, shared, capsys):
@@ -226,7 +269,18 @@ def test_predict_checks_its_arguments_before_any_work(workdir, shared, capsys):
         shutil.copy(next(cifs.glob("*.cif")), workdir / name / "same.cif")
     assert predict_main([str(workdir / "one"), str(workdir / "two"), "-o", "dup.csv",
                          "--model", str(shared / "weights" / MODEL)]) == 2
-    assert "same (" in capsys.readouterr().err and not (workdir / "dup.csv").exists()
+    assert "1 duplicate id(s) in the inputs: same (in " in capsys.readouterr().err and not (workdir / "dup.csv").exists()
+
+
+def test_predict_reads_what_cache_build_reads(workdir, shared):
+    lattice = Lattice.cubic(5.6)
+    rocksalt = Structure.from_spacegroup("Fm-3m", lattice, ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    (workdir / "mp.json").write_text(json.dumps([{"material_id": "mp-22862", "structure": rocksalt.as_dict()},
+                                                  {"material_id": "mp-bad", "structure": {"not": "a structure"}}]))
+    assert predict_main(["mp.json", "-o", "out.csv", "--model", str(shared / "weights" / MODEL)]) == 1
+    rows = list(csv.DictReader(open("out.csv")))
+    assert [r["id"] for r in rows] == ["mp-22862", "mp-bad"]
+    assert rows[0]["eform_ev_per_atom"] and rows[1]["warning"].startswith("error:")
 
 
 def test_cache_build_into_a_folder_is_refused_before_work(workdir, shared, capsys):

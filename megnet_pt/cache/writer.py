@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .. import paths
 from ..elements import ELEMENTS
 from ..graph import DEFAULT_CUTOFF, check_cutoff, structure_to_graph
-from ..structures import StructureEntry, StructureInputs, collect_structures
+from ..structures import StructureEntry, StructureInputs, collect_structures, printable_name
 from .format import (
     COMMIT_EVERY, EDGE_ARRAYS, GRAPH_ARRAYS, NODE_ARRAYS, RESUME_KEYS, CacheError, _attr, _create, _header,
     _open_for_append, _open_partial, _partial_path, _strings, _strings_sha256,
@@ -178,7 +178,7 @@ def ensure_cache(
         if cache.sources_sha256 != collect_structures(inputs).sources_sha256():
             raise CacheError(
                 f"{out}: built from other sources than {', '.join(map(str, inputs))} "
-                "(source files were added, removed or changed since); delete it or rebuild it (rebuild=True)"
+                "(source files were added, removed or changed since); delete it to build it again"
             )
         return cache
 
@@ -240,14 +240,15 @@ def _build_lock(out: Path) -> Iterator[None]:
 
 
 def _check_duplicates(listed: StructureInputs, out: Path) -> None:
-    duplicates = listed.duplicate_ids()
-    if duplicates:
-        where = {i: sorted({str(e.source) for e in listed.entries if e.id == i}) for i in duplicates[:10]}
-        shown = "; ".join(f"{i} (in {', '.join(files)})" for i, files in where.items())
-        more = f"; and {len(duplicates) - 10} more" if len(duplicates) > 10 else ""
-        raise CacheError(f"{out}: cannot build: {len(duplicates)} duplicate id(s) in the inputs: {shown}{more}")
+    if listed.duplicates_message():
+        raise CacheError(f"{out}: cannot build: {listed.duplicates_message()}")
     if not listed.entries:
         raise CacheError(f"{out}: cannot build: the inputs hold no structures")
+    odd = [e for e in listed.entries if not e.id.isprintable() or not e.id.strip()]
+    if odd:  # a line break in an id would split a row of every CSV written from the cache
+        shown = "; ".join(f"{e.id!r} (in {printable_name(str(e.source))})" for e in odd[:10])
+        raise CacheError(f"{out}: cannot build: {len(odd)} id(s) are empty or hold line breaks or other control "
+                         f"characters: {shown}")
 
 
 class _Writer:
