@@ -109,6 +109,78 @@ def test_published_folder_given_by_path_is_converted_into_the_working_folder(wor
     assert isinstance(model, MEGNet)
 
 
+# --- damaged graph caches -------------------------------------------------------------------------
+
+def decoded(cache: GraphCache) -> dict:
+    """Everything a reader hands out: every array of every structure, ids, formulas, labels, cutoff, vocabulary."""
+    block = cache._all if cache._all is not None else cache._read(cache._datasets, [(0, len(cache))])
+    return {**{k: v.copy() for k, v in vars(block).items()}, "ids": list(cache.ids), "formulas": list(cache.formulas),
+            "labels": cache.labels.copy(), "cutoff": cache.cutoff, "vocabulary": list(cache.vocabulary)}
+
+
+def test_a_flipped_bit_anywhere_in_a_cache_is_refused_or_harmless(workdir, shared):
+    """Chunk data (fletcher32), the chunk index and the attributes (sha256 of arrays and header), both ways of reading."""
+    build_cache([shared / "data" / "togo15"], workdir / "t.h5", progress=False)
+    want = decoded(GraphCache(workdir / "t.h5"))
+    data = (workdir / "t.h5").read_bytes()
+    in_chunks = torch.zeros(len(data), dtype=torch.bool)
+    with h5py.File(workdir / "t.h5") as f:
+        for name in ("edge_dist", "edge_image", "edge_source", "edge_target", "pos", "lattice", "node_type", "labels"):
+            for i in range(f[name].id.get_num_chunks()):
+                info = f[name].id.get_chunk_info(i)
+                in_chunks[info.byte_offset : info.byte_offset + info.size] = True
+    places = {"array data": torch.nonzero(in_chunks).flatten().tolist(), "the rest": torch.nonzero(~in_chunks).flatten().tolist()}
+    rng = random.Random(1)
+    refused = {kind: 0 for kind in places}
+    for i in range(240):
+        kind = ("array data", "the rest")[i % 2]
+        damaged = bytearray(data)
+        damaged[rng.choice(places[kind])] ^= 1 << rng.randrange(8)
+        (workdir / "d.h5").write_bytes(bytes(damaged))
+        for in_memory in (None, False):
+            try:
+                cache = GraphCache(workdir / "d.h5", in_memory=in_memory)
+                if in_memory is False:
+                    cache.verify()
+                got = decoded(cache)
+                cache.close()
+            except CacheError:
+                refused[kind] += 1
+                continue
+            for key, value in want.items():
+                same = torch.equal(torch.as_tensor(got[key]), torch.as_tensor(value)) if hasattr(value, "shape") else got[key] == value
+                assert same, (i, kind, key)
+    assert refused["array data"] == 240  # every flip in compressed array data is caught
+    assert refused["the rest"] > 0
+
+
+def test_an_index_that_reads_other_bytes_is_caught(workdir, shared):
+    """As a damaged chunk index would: the bytes of one chunk replaced by a valid chunk of other values."""
+    build_cache([shared / "data" / "togo15"], workdir / "t.h5", progress=False)
+    with h5py.File(workdir / "t.h5", "r+") as f:
+        d = f["edge_dist"]
+        values = d[:]
+        values[:100] = 0.0
+        f.attrs["arrays_sha256"] = f.attrs["arrays_sha256"]  # the recorded digests stay those of the build
+        d[:] = values  # rewritten through HDF5: a chunk with a valid fletcher32 checksum, other values
+    with pytest.raises(CacheError, match="corrupt: edge distances outside"):
+        GraphCache(workdir / "t.h5")
+    with pytest.raises(CacheError, match="corrupt"):
+        GraphCache(workdir / "t.h5", in_memory=False).verify()
+    with h5py.File(workdir / "t.h5", "r+") as f:
+        values = f["edge_dist"][:]
+        values[:100] = 2.5  # plausible distances, but not those of the positions: caught by the geometry check
+        f["edge_dist"][:] = values
+    with pytest.raises(CacheError, match="disagree with the positions"):
+        GraphCache(workdir / "t.h5")
+    assert cache_main(["info", str(workdir / "t.h5"), "--verify"]) == 2
+    build_cache([shared / "data" / "togo15"], workdir / "u.h5", progress=False)
+    with h5py.File(workdir / "u.h5", "r+") as f:
+        f["labels"][3] = f["labels"][3] * 2  # a value nothing else checks: only its recorded sha256 catches it
+    with pytest.raises(CacheError, match="array labels does not match its sha256"):
+        GraphCache(workdir / "u.h5")
+
+
 # --- labels.csv ------------------------------------------------------------------------------------
 
 def test_labels_saved_with_a_byte_order_mark_load(workdir, shared):

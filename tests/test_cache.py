@@ -319,6 +319,8 @@ def test_inconsistent_arrays_and_ids_are_detected(built: dict[str, Path], tmp_pa
         shutil.copy(built["togo15"], path)
         with h5py.File(path, "r+") as f:
             edit(f)
+            # the deeper checks below, each on its own: the header's own digest is made to match the edit
+            f.attrs["header_sha256"] = cache_format.header_sha256({k: cache_format._attr(f, k) for k in f.attrs})
         return path
 
     def shorten(f: h5py.File) -> None:
@@ -357,6 +359,12 @@ def test_inconsistent_arrays_and_ids_are_detected(built: dict[str, Path], tmp_pa
         path = damaged(edit.__name__, edit)
         with pytest.raises(CacheError, match=f"{path}: .*{reason}"):
             GraphCache(path)
+    path = tmp_path / "attribute.h5"
+    shutil.copy(built["togo15"], path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["n_failed"] = 3
+    with pytest.raises(CacheError, match="its attributes .* do not match their sha256"):
+        GraphCache(path)
 
 
 def test_cutoff_vocabulary_and_source_mismatches_are_refused(shared: Path, built: dict[str, Path], tmp_path: Path) -> None:

@@ -15,9 +15,15 @@ File layout (schema version 1). Root attributes describe the file:
     sources_sha256                       one checksum over every source file (names + contents)
     tool, tool_versions, created         what wrote it, and when
     n_structures, n_nodes, n_edges, n_failed, ids_sha256, formulas_sha256
+    arrays_sha256                        JSON {array: sha256 of its values}, checked by GraphCache.verify
+    header_sha256                        sha256 of the attributes above (HEADER_KEYS), checked on open
 
 Arrays are contiguous, chunked and compressed (gzip + shuffle) with a fletcher32
-checksum per chunk, so a damaged chunk fails loudly on read. S structures,
+checksum per chunk, so a damaged chunk fails loudly on read; the sha256 of
+every numeric array catches what the chunk checksums cannot (a damaged chunk
+index), and every read checks the values a model relies on (element indices,
+edges within their structure, and each distance against the one its
+positions, lattice and periodic image give). S structures,
 N atoms and E edges in all; structure s owns atoms ``node_ptr[s]:node_ptr[s+1]``
 and edges ``edge_ptr[s]:edge_ptr[s+1]``:
 
@@ -73,6 +79,13 @@ EDGE_ARRAYS = {
     "edge_dist": (np.float32, (), 4096),
 }
 STRING_ARRAYS = ("ids", "formulas", "failures/ids", "failures/reasons")
+# Every numeric array has its sha256 in the ``arrays_sha256`` attribute (JSON): fletcher32 covers each chunk's
+# bytes, not HDF5's index of the chunks, so a damaged index could read other bytes undetected.
+DIGESTED_ARRAYS = (*GRAPH_ARRAYS, *NODE_ARRAYS, *EDGE_ARRAYS, "node_ptr", "edge_ptr", "labels")
+# ... and the attributes a reader relies on have theirs, in ``header_sha256``
+HEADER_KEYS = ("format", "schema_version", "cutoff", "vocabulary", "label_names", "sources_sha256", "n_structures",
+               "n_nodes", "n_edges", "n_failed", "ids_sha256", "formulas_sha256", "arrays_sha256")
+DISTANCE_TOLERANCE = 1e-3  # Å: a stored distance against the one its positions, lattice and image give
 
 
 class CacheError(ValueError):
@@ -168,6 +181,21 @@ def _open_for_append(path: Path) -> h5py.File:
     f = h5py.File(path, "r+", libver="latest", locking=False)
     f.swmr_mode = True
     return f
+
+
+def array_sha256(values: np.ndarray | h5py.Dataset, rows: int = 1 << 20) -> str:
+    """sha256 of an array's values (C order, little-endian), read a slice of ``rows`` at a time."""
+    digest = hashlib.sha256()
+    for a in range(0, values.shape[0], rows):
+        part = np.ascontiguousarray(values[a : a + rows])
+        digest.update(part.astype(part.dtype.newbyteorder("<"), copy=False).tobytes())
+    return digest.hexdigest()
+
+
+def header_sha256(attrs: dict[str, Any]) -> str:
+    """sha256 of the ``HEADER_KEYS`` attributes, as JSON (numbers as Python numbers)."""
+    values = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items() if k in HEADER_KEYS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
 def _attr(f: h5py.File, key: str) -> Any:

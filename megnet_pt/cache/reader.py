@@ -18,7 +18,8 @@ from torch_geometric.data import Batch, Data
 
 from .format import (
     BLOCK_BYTES, CHUNK_CACHE_BYTES, EDGE_ARRAYS, FORMAT, GRAPH_ARRAYS, IN_MEMORY_BYTES, NODE_ARRAYS, SCHEMA_VERSION, STRING_ARRAYS,
-    CacheError, _attr, _open_h5, _partial_path, _strings, _strings_sha256,
+    DISTANCE_TOLERANCE, CacheError, _attr, _open_h5, _partial_path, _strings, _strings_sha256, array_sha256,
+    header_sha256,
 )
 
 
@@ -84,6 +85,7 @@ class GraphCache:
             self.in_memory = self.nbytes <= IN_MEMORY_BYTES if in_memory is None else bool(in_memory)
             if self.in_memory:
                 self._all = self._read(f, [(0, len(self))])
+                self._check_digests(self._all)
 
     # -- validation
 
@@ -95,7 +97,7 @@ class GraphCache:
             return self._check_file(f, cutoff, vocabulary)
         except CacheError:
             raise
-        except (OSError, KeyError, TypeError, ValueError) as exc:  # a missing or malformed attribute, an unreadable array
+        except Exception as exc:  # a damaged file can make h5py raise anything: a missing attribute, an unreadable array
             raise self._fail(f"corrupt ({type(exc).__name__}: {exc}); delete it and rebuild") from exc
 
     def _check_file(self, f: h5py.File, cutoff: float | None, vocabulary: Sequence[str] | None) -> _Index:
@@ -110,6 +112,10 @@ class GraphCache:
             hint = (f"the interrupted build is in {partial}: re-run it to resume" if partial.exists()
                     else "no interrupted build of it is left to resume: delete it and build it again")
             raise self._fail(f"marked incomplete ({hint})")
+        recorded = _attr(f, "header_sha256")
+        if recorded is not None and recorded != header_sha256({k: _attr(f, k) for k in f.attrs}):
+            raise self._fail("corrupt: its attributes (cutoff, vocabulary, counts, checksums) do not match their sha256 "
+                             "recorded at build time; delete it and rebuild")
         stored_cutoff = float(_attr(f, "cutoff"))
         if cutoff is not None and not math.isclose(stored_cutoff, float(cutoff), rel_tol=0, abs_tol=1e-9):
             raise self._fail(
@@ -169,6 +175,30 @@ class GraphCache:
                 raise self._fail(f"corrupt: {name} points outside its structure near structure {first}")
         if not (np.isfinite(block.edge_dist).all() and np.isfinite(block.pos).all() and np.isfinite(block.lattice).all()):
             raise self._fail(f"corrupt: non-finite distances, positions or lattices near structure {first}")
+        d = block.edge_dist.astype(np.float64)
+        if d.size and (d.min() <= 0 or d.max() > self.cutoff + DISTANCE_TOLERANCE):
+            raise self._fail(f"corrupt: edge distances outside (0, {self.cutoff:g}] Å near structure {first}")
+        # each edge's distance as its positions, lattice and periodic image give it
+        graph_of_edge = np.repeat(np.arange(len(block.node_ptr) - 1), np.diff(block.edge_ptr))
+        offset = block.node_ptr[:-1][graph_of_edge]
+        shift = np.einsum("ei,eij->ej", block.edge_image.astype(np.float64), block.lattice.astype(np.float64)[graph_of_edge])
+        vector = block.pos[block.edge_target + offset].astype(np.float64) + shift - block.pos[block.edge_source + offset]
+        if d.size and np.abs(np.linalg.norm(vector, axis=1) - d).max() > DISTANCE_TOLERANCE:
+            raise self._fail(f"corrupt: edge distances disagree with the positions, lattices and images near structure "
+                             f"{first}; delete it and rebuild")
+
+    def _check_digests(self, arrays: _Block | dict[str, Any]) -> None:
+        """Whole arrays against the sha256 recorded at build time (caches built before it was recorded pass)."""
+        try:
+            recorded = dict(json.loads(self._index.attrs.get("arrays_sha256") or "{}"))
+        except (TypeError, ValueError) as exc:
+            raise self._fail(f"corrupt: its record of the arrays' sha256 is damaged ({exc}); delete it and rebuild") from exc
+        values = {"node_ptr": self._index.node_ptr, "edge_ptr": self._index.edge_ptr, "labels": self._index.labels}
+        values.update(vars(arrays) if isinstance(arrays, _Block) else arrays)
+        for name, digest in recorded.items():
+            if name in values and values[name] is not None and array_sha256(values[name]) != digest:
+                raise self._fail(f"corrupt: array {name} does not match its sha256 recorded at build time; "
+                                 "delete it and rebuild")
 
     # -- file access
 
@@ -224,7 +254,7 @@ class GraphCache:
                         out[offset : offset + n] = d[start : start + n]
                         offset += n
                     arrays[name] = out
-        except OSError as exc:  # e.g. a fletcher32 checksum error
+        except Exception as exc:  # e.g. a fletcher32 checksum error, a damaged chunk index
             raise self._fail(f"corrupt: cannot read structures {runs[0][0]}-{runs[-1][1] - 1} ({exc}); "
                              "delete it and rebuild") from exc
         block = _Block(node_ptr=local["node"], edge_ptr=local["edge"], **arrays)
@@ -386,11 +416,17 @@ class GraphCache:
                           num_workers=num_workers, collate_fn=_identity, **kwargs)
 
     def verify(self) -> None:
-        """Read every array, checking chunk checksums and values; ``CacheError`` if anything is wrong."""
+        """Read every array, checking chunk checksums, values and each array's sha256; ``CacheError`` if anything is wrong."""
         f = self._file()
         for start, stop in _spans(len(self), self._structures_per_block(1)):
             self._read(self._datasets, [(start, stop)])
-        _strings(f["failures/ids"]), _strings(f["failures/reasons"])
+        try:
+            self._check_digests({name: f[name] for name in (*GRAPH_ARRAYS, *NODE_ARRAYS, *EDGE_ARRAYS)})
+            _strings(f["failures/ids"]), _strings(f["failures/reasons"])
+        except CacheError:
+            raise
+        except Exception as exc:
+            raise self._fail(f"corrupt ({type(exc).__name__}: {exc}); delete it and rebuild") from exc
 
     def __repr__(self) -> str:
         mode = "in memory" if self.in_memory else "streamed"

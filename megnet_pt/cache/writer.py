@@ -39,7 +39,8 @@ from ..elements import ELEMENTS
 from ..graph import DEFAULT_CUTOFF, check_cutoff, structure_to_graph
 from ..structures import StructureEntry, StructureInputs, collect_structures, printable_name
 from .format import (
-    COMMIT_EVERY, EDGE_ARRAYS, GRAPH_ARRAYS, NODE_ARRAYS, RESUME_KEYS, CacheError, _attr, _create, _header,
+    COMMIT_EVERY, DIGESTED_ARRAYS, EDGE_ARRAYS, GRAPH_ARRAYS, NODE_ARRAYS, RESUME_KEYS, CacheError, _attr, _create,
+    _header, array_sha256, header_sha256,
     _open_for_append, _open_partial, _partial_path, _strings, _strings_sha256,
 )
 from .reader import GraphCache
@@ -362,8 +363,10 @@ def _finalize(partial_path: Path, out: Path) -> int:
                 n_structures=n_graphs, n_nodes=n_nodes, n_edges=n_edges, n_failed=n_failed,
                 ids_sha256=_strings_sha256(_strings(dst["ids"])),
                 formulas_sha256=_strings_sha256(_strings(dst["formulas"])),
+                arrays_sha256=json.dumps({name: array_sha256(dst[name]) for name in DIGESTED_ARRAYS if name in dst}),
                 complete=True,
             )
+            dst.attrs["header_sha256"] = header_sha256({k: _attr(dst, k) for k in dst.attrs})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, out)
