@@ -48,8 +48,11 @@ def read_structure(path: str | Path) -> Structure:
         except Exception as exc:  # pymatgen raises many kinds on bad input
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             # pymatgen says why it dropped a structure in a warning (e.g. occupancies above 1 from overlapping atoms)
-            why = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
-            raise StructureError(f"{path}: cannot read a structure ({reason}" + (f"; {why[-1]}" if why else "")
+            lines = list(dict.fromkeys(line.strip() for w in caught for line in str(w.message).splitlines() if line.strip()))
+            why = [line for line in lines if any(k in line.lower() for k in ("occupanc", "exceed", "overlap", "close"))]
+            why = why[-1:] or lines[-1:]
+            raise StructureError(f"{path}: cannot read a structure ({'; '.join([reason, *why])}"
+                                 + ("; atoms on the same site?" if any("occupanc" in w.lower() for w in why) else "")
                                  + ")") from exc
     if len(structure) == 0:
         raise StructureError(f"{path}: the file holds no atomic sites")

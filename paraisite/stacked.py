@@ -170,7 +170,7 @@ def validate(net: StackedModel, packed: PackedGraphs, val_idx: list[np.ndarray],
              transforms: list[TargetTransform]) -> list[float]:
     """Validation MAPE of every member on its own validation part, vectorised (for a GPU).
 
-    As ``training.predict`` + ``mape_loss``: chunks of 256 graphs per member,
+    As ``paraisite.model.predict`` + ``mape_loss``: chunks of 256 graphs per member,
     back-transform in float64.
     """
     mean = torch.tensor([t.mean for t in transforms], dtype=torch.float64, device=packed.ltc.device)

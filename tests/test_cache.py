@@ -25,6 +25,7 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.loader import DataLoader as PyGDataLoader
 
 import megnet_pt.cache.format as cache_format
+import megnet_pt.cache.workers as cache_workers
 import megnet_pt.cache.writer as cache_module
 from megnet_pt.cache import CacheError, GraphCache, build_cache, describe, ensure_cache, main, read_progress
 from megnet_pt.elements import ELEMENTS
@@ -191,7 +192,7 @@ def test_dataloader_with_two_workers(built: dict[str, Path]) -> None:
 def test_resume_after_an_exception(shared: Path, built: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     inputs = [shared / "data" / "togo15", shared / "data" / "miyazaki21"]
     out = tmp_path / "mix.h5"
-    real, calls = cache_module._convert, []
+    real, calls = cache_workers._convert, []
 
     def flaky(entry, cutoff):
         calls.append(entry.id)
@@ -199,14 +200,14 @@ def test_resume_after_an_exception(shared: Path, built: dict[str, Path], tmp_pat
             raise KeyboardInterrupt
         return real(entry, cutoff)
 
-    monkeypatch.setattr(cache_module, "_convert", flaky)
+    monkeypatch.setattr(cache_workers, "_convert", flaky)
     with pytest.raises(KeyboardInterrupt):
         build_cache(inputs, out, commit_every=50, progress=False)
     assert not out.exists() and read_progress(out)["inputs"] == 119
     with pytest.raises(CacheError, match="re-run the build to resume"):
         GraphCache(out)
     assert "unfinished build, 119 inputs done" in describe(out)
-    monkeypatch.setattr(cache_module, "_convert", real)
+    monkeypatch.setattr(cache_workers, "_convert", real)
     report = build_cache(inputs, out, commit_every=50, progress=False)
     assert report.resumed == 119 and report.structures == 95 + 143
     assert not Path(str(out) + ".partial").exists()
@@ -252,7 +253,7 @@ def test_a_partial_file_of_another_build_is_not_resumed(shared: Path, tmp_path: 
     def boom(entry, cutoff):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_module, "_convert", boom)
+    monkeypatch.setattr(cache_workers, "_convert", boom)
     with pytest.raises(KeyboardInterrupt):
         build_cache([shared / "data" / "togo15"], out, cutoff=5.0, progress=False)
     monkeypatch.undo()

@@ -1,8 +1,10 @@
 """HDF5 graph cache: crystal graphs built once, read back fast.
 
     format.py   the file layout (and what must agree to resume a build)
-    writer.py   build_cache / ensure_cache: convert structures, append, flush, resume
-    reader.py   GraphCache: validated on open, Data and Batch out
+    writer.py   build_cache / ensure_cache: append, flush, resume, finalize
+    workers.py  structures to graphs in worker processes
+    reader.py   GraphCache: Data and Batch out, streamed or in memory
+    checks.py   what a reader checks: header, values, recorded sha256
     cli.py      python -m megnet_pt.cache build | info
 """
 from .cli import describe, main, read_progress

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..graph import DEFAULT_CUTOFF, StructureError
+from ..predict import positive_int
 from .format import COMMIT_EVERY, CacheError, _open_partial, _partial_path
 from .reader import GraphCache
 from .writer import build_cache
@@ -89,15 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("inputs", nargs="+", type=Path, help="structure files or folders")
     b.add_argument("-o", "--out", type=Path, required=True, help="the cache file to write (e.g. graphs.h5)")
     b.add_argument("--cutoff", type=float, default=DEFAULT_CUTOFF, help="neighbour cutoff in Å (default %(default)s)")
-    b.add_argument("--workers", type=int, default=1, help="processes building graphs (default %(default)s)")
-    b.add_argument("--commit-every", type=int, default=COMMIT_EVERY,
+    b.add_argument("--workers", type=positive_int, default=1, help="processes building graphs (default %(default)s)")
+    b.add_argument("--commit-every", type=positive_int, default=COMMIT_EVERY,
                    help="inputs per flushed chunk; an interrupted build loses at most this many (default %(default)s)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="print what a graph cache holds",
                        description="Print what a graph cache holds and check that it is sound.")
     i.add_argument("path", type=Path)
     i.add_argument("--failures", action="store_true", help="list every input that could not be converted")
-    i.add_argument("--verify", action="store_true", help="also read every array, checking chunk checksums")
+    i.add_argument("--verify", action="store_true",
+                   help="also read every array, checking chunk checksums, values and the sha256 recorded at build time")
     args = parser.parse_args(argv)
     try:
         if args.command == "build":

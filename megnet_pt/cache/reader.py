@@ -1,12 +1,8 @@
 """Reading a graph cache: validated on open, graphs as PyG ``Data``, batches by PyG's ``Batch.from_data_list``."""
 from __future__ import annotations
 
-import json
-import math
 import os
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,41 +12,11 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 from torch_geometric.data import Batch, Data
 
+from .checks import Block, Index, check_block, check_digests, check_file
 from .format import (
-    BLOCK_BYTES, CHUNK_CACHE_BYTES, EDGE_ARRAYS, FORMAT, GRAPH_ARRAYS, IN_MEMORY_BYTES, NODE_ARRAYS, SCHEMA_VERSION, STRING_ARRAYS,
-    DISTANCE_TOLERANCE, CacheError, _attr, _open_h5, _partial_path, _strings, _strings_sha256, array_sha256,
-    header_sha256,
+    BLOCK_BYTES, CHUNK_CACHE_BYTES, EDGE_ARRAYS, GRAPH_ARRAYS, IN_MEMORY_BYTES, NODE_ARRAYS, CacheError, _attr, _open_h5,
+    _strings,
 )
-
-
-@dataclass
-class _Block:
-    """Arrays of a run of structures, with pointers local to the run."""
-
-    node_ptr: np.ndarray
-    edge_ptr: np.ndarray
-    lattice: np.ndarray
-    node_type: np.ndarray
-    pos: np.ndarray
-    edge_source: np.ndarray
-    edge_target: np.ndarray
-    edge_image: np.ndarray
-    edge_dist: np.ndarray
-
-
-@dataclass
-class _Index:
-    """What a reader keeps in memory whatever the file size."""
-
-    n: int
-    ids: list[str]
-    formulas: list[str]
-    node_ptr: np.ndarray
-    edge_ptr: np.ndarray
-    labels: np.ndarray | None
-    label_names: list[str]
-    vocabulary: list[str]
-    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 class GraphCache:
@@ -78,7 +44,7 @@ class GraphCache:
         self.block_bytes = block_bytes
         self._h5: h5py.File | None = None
         self._pid: int | None = None
-        self._all: _Block | None = None
+        self._all: Block | None = None
         self._datasets: dict[str, h5py.Dataset] | None = None
         with _open_h5(self.path, rdcc_nbytes=CHUNK_CACHE_BYTES) as f:
             self._index = self._validate(f, cutoff, vocabulary)
@@ -92,113 +58,19 @@ class GraphCache:
     def _fail(self, reason: str) -> CacheError:
         return CacheError(f"{self.path}: {reason}")
 
-    def _validate(self, f: h5py.File, cutoff: float | None, vocabulary: Sequence[str] | None) -> _Index:
+    def _validate(self, f: h5py.File, cutoff: float | None, vocabulary: Sequence[str] | None) -> Index:
         try:
-            return self._check_file(f, cutoff, vocabulary)
+            return check_file(self.path, f, cutoff, vocabulary)
         except CacheError:
             raise
         except Exception as exc:  # a damaged file can make h5py raise anything: a missing attribute, an unreadable array
             raise self._fail(f"corrupt ({type(exc).__name__}: {exc}); delete it and rebuild") from exc
 
-    def _check_file(self, f: h5py.File, cutoff: float | None, vocabulary: Sequence[str] | None) -> _Index:
-        if _attr(f, "format") != FORMAT:
-            raise self._fail("not a megnet_pt graph cache (no 'format' attribute)")
-        version = _attr(f, "schema_version")
-        if version != SCHEMA_VERSION:
-            raise self._fail(f"schema version {version}, this reader understands {SCHEMA_VERSION}: rebuild the cache")
-        if not _attr(f, "complete"):
-            # a finished build renames its file only once complete: an incomplete one under this name was damaged
-            partial = _partial_path(self.path)
-            hint = (f"the interrupted build is in {partial}: re-run it to resume" if partial.exists()
-                    else "no interrupted build of it is left to resume: delete it and build it again")
-            raise self._fail(f"marked incomplete ({hint})")
-        recorded = _attr(f, "header_sha256")
-        if recorded is not None and recorded != header_sha256({k: _attr(f, k) for k in f.attrs}):
-            raise self._fail("corrupt: its attributes (cutoff, vocabulary, counts, checksums) do not match their sha256 "
-                             "recorded at build time; delete it and rebuild")
-        stored_cutoff = float(_attr(f, "cutoff"))
-        if cutoff is not None and not math.isclose(stored_cutoff, float(cutoff), rel_tol=0, abs_tol=1e-9):
-            raise self._fail(
-                f"built with cutoff {stored_cutoff:g} Å, the model needs {float(cutoff):g} Å: "
-                f"build a cache with --cutoff {float(cutoff):g}"
-            )
-        stored_vocabulary = json.loads(_attr(f, "vocabulary"))
-        if vocabulary is not None and list(vocabulary) != stored_vocabulary:
-            pairs = enumerate(zip(stored_vocabulary, vocabulary))
-            first = next((k for k, (a, b) in pairs if a != b), min(len(vocabulary), len(stored_vocabulary)))
-            raise self._fail(
-                f"element vocabulary differs from the model's ({len(stored_vocabulary)} vs {len(vocabulary)} elements, "
-                f"first difference at index {first}): node types would index the wrong embeddings; rebuild the cache"
-            )
-        n = int(_attr(f, "n_structures"))
-        arrays = {**GRAPH_ARRAYS, **NODE_ARRAYS, **EDGE_ARRAYS}
-        missing = [k for k in (*arrays, "node_ptr", "edge_ptr", *STRING_ARRAYS) if k not in f]
-        if missing:
-            raise self._fail(f"corrupt: missing array(s) {', '.join(missing)}")
-        label_names = json.loads(_attr(f, "label_names"))
-        for name in ("ids", "formulas", *GRAPH_ARRAYS) + (("labels",) if label_names else ()):
-            if name not in f or f[name].shape[0] != n:
-                raise self._fail(f"corrupt: array {name} should have {n} rows")
-        if label_names and f["labels"].shape[1:] != (len(label_names),):
-            raise self._fail(f"corrupt: labels should have {len(label_names)} columns")
-        counts = {"node": int(_attr(f, "n_nodes")), "edge": int(_attr(f, "n_edges"))}
-        ptrs = {}
-        for kind, names in (("node", NODE_ARRAYS), ("edge", EDGE_ARRAYS)):
-            ptr = f[f"{kind}_ptr"][:]
-            if ptr.shape != (n + 1,) or ptr[0] != 0 or (np.diff(ptr) < 0).any() or ptr[-1] != counts[kind]:
-                raise self._fail(
-                    f"corrupt: {kind}_ptr is not a valid offset array for {n} structures and {counts[kind]} {kind}s"
-                )
-            for name in names:
-                if f[name].shape[0] != counts[kind]:
-                    raise self._fail(f"corrupt: array {name} should have {counts[kind]} rows, it has {f[name].shape[0]}")
-            ptrs[kind] = ptr
-        ids, formulas = _strings(f["ids"]), _strings(f["formulas"])
-        if _strings_sha256(ids) != _attr(f, "ids_sha256") or _strings_sha256(formulas) != _attr(f, "formulas_sha256"):
-            raise self._fail("corrupt: the ids or formulas do not match their checksum")
-        if len(set(ids)) != n:
-            dup = sorted(i for i, k in Counter(ids).items() if k > 1)
-            raise self._fail(f"corrupt: duplicate ids {', '.join(dup[:10])}{' ...' if len(dup) > 10 else ''}")
-        labels = f["labels"][:] if label_names else None
-        attrs = {k: _attr(f, k) for k in f.attrs}
-        return _Index(n, ids, formulas, ptrs["node"], ptrs["edge"], labels, label_names, stored_vocabulary, attrs)
+    def _check_block(self, block: Block, first: int) -> None:
+        check_block(self.path, self._index, block, first)
 
-    def _check_block(self, block: _Block, first: int) -> None:
-        """Values a reader relies on: element indices in the vocabulary, edges within their structure."""
-        size = len(self._index.vocabulary)
-        if block.node_type.size and int(block.node_type.max()) >= size:
-            raise self._fail(f"corrupt: element index beyond the {size}-element vocabulary near structure {first}")
-        nodes_of_edge = np.repeat(np.diff(block.node_ptr).astype(np.int32), np.diff(block.edge_ptr))
-        for name in ("edge_source", "edge_target"):
-            v = getattr(block, name)
-            if v.size and ((v < 0).any() or (v >= nodes_of_edge).any()):
-                raise self._fail(f"corrupt: {name} points outside its structure near structure {first}")
-        if not (np.isfinite(block.edge_dist).all() and np.isfinite(block.pos).all() and np.isfinite(block.lattice).all()):
-            raise self._fail(f"corrupt: non-finite distances, positions or lattices near structure {first}")
-        d = block.edge_dist.astype(np.float64)
-        if d.size and (d.min() <= 0 or d.max() > self.cutoff + DISTANCE_TOLERANCE):
-            raise self._fail(f"corrupt: edge distances outside (0, {self.cutoff:g}] Å near structure {first}")
-        # each edge's distance as its positions, lattice and periodic image give it
-        graph_of_edge = np.repeat(np.arange(len(block.node_ptr) - 1), np.diff(block.edge_ptr))
-        offset = block.node_ptr[:-1][graph_of_edge]
-        shift = np.einsum("ei,eij->ej", block.edge_image.astype(np.float64), block.lattice.astype(np.float64)[graph_of_edge])
-        vector = block.pos[block.edge_target + offset].astype(np.float64) + shift - block.pos[block.edge_source + offset]
-        if d.size and np.abs(np.linalg.norm(vector, axis=1) - d).max() > DISTANCE_TOLERANCE:
-            raise self._fail(f"corrupt: edge distances disagree with the positions, lattices and images near structure "
-                             f"{first}; delete it and rebuild")
-
-    def _check_digests(self, arrays: _Block | dict[str, Any]) -> None:
-        """Whole arrays against the sha256 recorded at build time (caches built before it was recorded pass)."""
-        try:
-            recorded = dict(json.loads(self._index.attrs.get("arrays_sha256") or "{}"))
-        except (TypeError, ValueError) as exc:
-            raise self._fail(f"corrupt: its record of the arrays' sha256 is damaged ({exc}); delete it and rebuild") from exc
-        values = {"node_ptr": self._index.node_ptr, "edge_ptr": self._index.edge_ptr, "labels": self._index.labels}
-        values.update(vars(arrays) if isinstance(arrays, _Block) else arrays)
-        for name, digest in recorded.items():
-            if name in values and values[name] is not None and array_sha256(values[name]) != digest:
-                raise self._fail(f"corrupt: array {name} does not match its sha256 recorded at build time; "
-                                 "delete it and rebuild")
+    def _check_digests(self, arrays: Block | dict[str, Any]) -> None:
+        check_digests(self.path, self._index, arrays)
 
     # -- file access
 
@@ -225,7 +97,7 @@ class GraphCache:
             self._h5.close()
         self._h5 = self._datasets = None
 
-    def _read(self, f: h5py.File | dict[str, h5py.Dataset], runs: list[tuple[int, int]]) -> _Block:
+    def _read(self, f: h5py.File | dict[str, h5py.Dataset], runs: list[tuple[int, int]]) -> Block:
         """Structures of the runs ``[(start, stop), ...]``, end to end in one block.
 
         Each run is one contiguous read per array, copied into place (memory
@@ -257,11 +129,11 @@ class GraphCache:
         except Exception as exc:  # e.g. a fletcher32 checksum error, a damaged chunk index
             raise self._fail(f"corrupt: cannot read structures {runs[0][0]}-{runs[-1][1] - 1} ({exc}); "
                              "delete it and rebuild") from exc
-        block = _Block(node_ptr=local["node"], edge_ptr=local["edge"], **arrays)
+        block = Block(node_ptr=local["node"], edge_ptr=local["edge"], **arrays)
         self._check_block(block, runs[0][0])
         return block
 
-    def _load(self, indices: np.ndarray) -> tuple[_Block, np.ndarray]:
+    def _load(self, indices: np.ndarray) -> tuple[Block, np.ndarray]:
         """A block holding ``indices`` (any order, repeats allowed) and their positions in it."""
         if self._all is None and self.in_memory:
             self._file()
@@ -434,7 +306,7 @@ class GraphCache:
 
     # -- building Data and Batch objects from arrays
 
-    def _data(self, block: _Block, j: int, i: int) -> Data:
+    def _data(self, block: Block, j: int, i: int) -> Data:
         na, nb = block.node_ptr[j], block.node_ptr[j + 1]
         ea, eb = block.edge_ptr[j], block.edge_ptr[j + 1]
         data = Data(
@@ -453,7 +325,7 @@ class GraphCache:
             data.y = torch.from_numpy(self.labels[i : i + 1].astype(np.float32))
         return data
 
-    def _collate(self, block: _Block, local: np.ndarray, indices: np.ndarray) -> Batch:
+    def _collate(self, block: Block, local: np.ndarray, indices: np.ndarray) -> Batch:
         return Batch.from_data_list([self._data(block, int(j), int(i)) for j, i in zip(local, indices)])
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -20,7 +19,6 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +29,19 @@ try:
     import fcntl
 except ImportError:  # Windows: builds are not locked against each other
     fcntl = None
-import torch
 from tqdm import tqdm
 
 from .. import paths
 from ..elements import ELEMENTS
-from ..graph import DEFAULT_CUTOFF, check_cutoff, structure_to_graph
-from ..structures import StructureEntry, StructureInputs, collect_structures, printable_name
+from ..graph import DEFAULT_CUTOFF, check_cutoff
+from ..structures import StructureInputs, collect_structures, printable_name
 from .format import (
     COMMIT_EVERY, DIGESTED_ARRAYS, EDGE_ARRAYS, GRAPH_ARRAYS, NODE_ARRAYS, RESUME_KEYS, CacheError, _attr, _create,
     _header, array_sha256, header_sha256,
     _open_for_append, _open_partial, _partial_path, _strings, _strings_sha256,
 )
 from .reader import GraphCache
+from .workers import converter
 
 
 @dataclass
@@ -124,7 +122,7 @@ def _build(
     todo = listed.entries[done:]
     bar = tqdm(total=len(listed.entries), initial=done, unit="structure", desc=f"graphs -> {out.name}", disable=not progress)
     # Workers are forked before the file is opened, so that they hold no HDF5 handle.
-    with _converter(workers, cutoff, len(todo)) as convert, _open_for_append(partial_path) as f:
+    with converter(workers, cutoff, len(todo)) as convert, _open_for_append(partial_path) as f:
         writer = _Writer(f, header["label_names"])
         pending: list[tuple[str, dict[str, Any] | None, str | None]] = []
         try:
@@ -377,64 +375,3 @@ def _finalize(partial_path: Path, out: Path) -> int:
 def _read_failures(path: Path) -> list[tuple[str, str]]:
     with _open_partial(path) as f:
         return list(zip(_strings(f["failures/ids"]), _strings(f["failures/reasons"])))
-
-
-# Conversion runs in worker processes; it returns plain numpy arrays.
-
-
-def _convert(entry: StructureEntry, cutoff: float) -> tuple[str, dict[str, Any] | None, str | None]:
-    """(id, arrays, None) for a structure that converts, (id, None, reason) for one that does not."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            g = structure_to_graph(entry.load(), cutoff=cutoff, id=entry.id)
-        image = g.edge_image.numpy()
-        if image.size and np.abs(image).max() > np.iinfo(np.int16).max:
-            raise ValueError(f"{entry.id}: periodic images beyond ±32767 (a degenerate cell)")
-        return entry.id, {
-            "formula": g.formula,
-            "labels": entry.labels,
-            "lattice": g.lattice[0].numpy(),
-            "node_type": g.node_type.numpy().astype(np.uint8),
-            "pos": g.pos.numpy(),
-            "edge_source": g.edge_index[0].numpy().astype(np.int32),
-            "edge_target": g.edge_index[1].numpy().astype(np.int32),
-            "edge_image": image.astype(np.int16),
-            "edge_dist": g.edge_dist.numpy(),
-        }, None
-    except Exception as exc:  # any failure of one structure is reported, not raised
-        text = str(exc).strip()
-        return entry.id, None, (text.splitlines()[0] if text else type(exc).__name__)
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-
-
-class _converter:
-    """Context manager giving ``convert(entries) -> ordered results``, in-process or in a pool."""
-
-    def __init__(self, workers: int, cutoff: float, n: int) -> None:
-        self.workers, self.cutoff, self.n = max(1, int(workers)), cutoff, n
-        self.pool = None
-
-    def __enter__(self):
-        work = partial(_convert, cutoff=self.cutoff)
-        if self.workers == 1 or self.n < 2:
-            return lambda entries: map(work, entries)
-        # fork on Linux starts at once (as DataLoader workers do; the work never enters an
-        # OpenMP region, so threads held by the parent do not matter). Elsewhere fork is
-        # unsafe or absent; forkserver/spawn workers import torch and pymatgen first (seconds).
-        methods = multiprocessing.get_all_start_methods()
-        method = "fork" if sys.platform.startswith("linux") else "forkserver" if "forkserver" in methods else "spawn"
-        self.pool = multiprocessing.get_context(method).Pool(self.workers, initializer=_init_worker)
-        chunksize = max(1, min(16, self.n // (self.workers * 8)))
-        return lambda entries: self.pool.imap(work, entries, chunksize=chunksize)
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-
-
