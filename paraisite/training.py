@@ -183,7 +183,7 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
         raise ValueError(f"splits {group} of {data.name} have training parts of different sizes; train them one by one")
     transforms = [TargetTransform.fit(data.ltc[t]) for t in train_idx]
     models = [initial_model(config, k) for k in group]
-    if stacked:
+    if stacked or M > 1:  # M > 1 without stacked: a stacked group's complete state, only its final models to write
         stepper = StackedStep(models, transforms, data, device, config.lr, config.clip_grad_norm, config.batch_size,
                               cuda_graphs)
     else:

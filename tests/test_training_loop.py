@@ -257,6 +257,14 @@ def test_kill_while_writing_the_final_models(workdir, monkeypatch):
     assert (run / "split2" / "final.pt").is_file() and not state_path(run, SPLITS).exists()
     assert (run / "split1" / "final.pt").stat().st_mtime_ns == mtime
     assert [r["epoch"] for r in curve(run, 2)] == ["1"]
+    # the same, finished by a run without --ensemble: split 2 alone is pending, and the group's state finishes it
+    other = workdir / "late_plain"
+    monkeypatch.setattr(training, "save_model", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, SPLITS, config, RunDir(other), CPU, stacked=True, progress=False)
+    monkeypatch.setattr(training, "save_model", real)
+    assert train(data, SPLITS, config, RunDir(other), CPU, progress=False)
+    assert (other / "split2" / "final.pt").is_file() and not state_path(other, SPLITS).exists()
 
 
 def test_foreign_resume_states_are_refused(workdir):
