@@ -90,9 +90,9 @@ def is_cache(inputs: list[str]) -> bool:
     return bool(caches)
 
 
-def open_cache(args: argparse.Namespace, cutoff: float, rank: int, world: int) -> GraphCache:
+def open_cache(args: argparse.Namespace, given_cache: bool, cutoff: float, rank: int, world: int) -> GraphCache:
     """The graph cache of the inputs; structure files are cached first (by rank 0 under torchrun)."""
-    if is_cache(args.inputs):
+    if given_cache:
         return GraphCache(args.inputs[0], cutoff=cutoff, vocabulary=ELEMENTS)
     path = Path(args.cache) if args.cache else default_cache_path(args.inputs, cutoff)
     if rank == 0:
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, local_rank = distributed()
     sync = torch.distributed if world > 1 else None
     try:
-        is_cache(args.inputs)  # several caches are refused before anything is loaded or written
+        given_cache = is_cache(args.inputs)  # several caches are refused before anything is loaded or written
         if args.top < 0 or (args.batch_size is not None and args.batch_size < 1):
             raise ValueError("--top must be >= 0 and --batch-size >= 1")
         device = process_device(args.device, world, local_rank)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 eform = FusedEform(published_megnet())
             if eform.cutoff != ensemble.cutoff:
                 raise CheckpointError(f"the formation-energy model uses cutoff {eform.cutoff:g} Å, the run {ensemble.cutoff:g} Å")
-        cache = open_cache(args, ensemble.cutoff, rank, world)
+        cache = open_cache(args, given_cache, ensemble.cutoff, rank, world)
         out = Path(args.out) if args.out else Path(f"{Path(args.inputs[0]).name.split('.')[0]}_ltc.csv")
         domain, domain_note = (None, "")
         if rank == 0:

@@ -55,7 +55,7 @@ def tensors_sha256(obj: Any) -> str:
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous()
             digest.update(f"{where}|{t.dtype}|{tuple(t.shape)}|".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digest.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
         elif isinstance(value, dict):
             for key in sorted(value, key=str):
                 walk(value[key], f"{where}/{key}")

@@ -23,7 +23,7 @@ from .paper_scale import PaperScale
 from .processes import barrier
 from .report import collapsed, paper_name, plot_curves, plot_parity, read_csv, summary_markdown, write_csv
 from .rundir import RunDir
-from .training import TrainConfig, check_aflow_checkpoint, evaluate_split, train
+from .training import TrainConfig, check_aflow_checkpoint, evaluate_split, split_groups, train
 
 
 @dataclass
@@ -127,7 +127,7 @@ def run_protocol(config: TrainConfig, plan: Plan, report: bool = True) -> bool:
                  if aflow is not None else None)
     paper_scale = PaperScale.for_run(config.init, data, aflow_ltc)
     run = plan.run
-    for group in ([mine] if plan.stacked else [[k] for k in mine]):
+    for group in split_groups(mine, plan.stacked):
         if not train(data, group, config, run, plan.device, plan.stacked, plan.deadline, plan.progress, plan.cuda_graphs):
             return False
         for k in group:
@@ -140,10 +140,8 @@ def run_protocol(config: TrainConfig, plan: Plan, report: bool = True) -> bool:
                       "<= 0 W/m/K (docs/training.md)", file=sys.stderr)
             write_csv(run.predictions(k), preds)
             write_csv(run.results(k), rows)
-    if plan.world == 1 and all(run.results(k).is_file() for k in plan.splits):
-        if report:
-            write_reports(run, config, plan.device)
-        return True
+    if report and plan.world == 1 and all(run.results(k).is_file() for k in plan.splits):
+        write_reports(run, config, plan.device)
     return True
 
 
@@ -154,7 +152,7 @@ def finish_distributed(config: TrainConfig, plan: Plan) -> bool:
         write_reports(plan.run, config, plan.device)
         aflow = RunDir(config.aflow_run) if config.aflow_run else None
         if aflow is not None and aflow.path.is_dir():
-            write_reports(aflow, TrainConfig(init=config.init.split("+")[0], dataset="aflow_agl"), plan.device)
+            write_reports(aflow, config.aflow_stage(), plan.device)
     return done
 
 

@@ -165,8 +165,7 @@ class RunDir:
             os.replace(tmp, self.config_path)
         stored = _normalised(self.read_config() or {})
         # aflow_run too: +af models that started from other AFLOW models must not be taken as finished
-        diff = {key: (stored.get(key), value) for key, value in current.items()
-                if stored.get(key) != value and not (key == "inputs" and key not in stored)}
+        diff = config_differences(stored, current)
         if "inputs" in diff:
             raise RunDirError(f"{self.path} was trained on other inputs: labels.csv or the structure files of "
                               f"{', '.join(current['inputs'])} changed since (sha256 {diff['inputs'][0]} there, "
@@ -175,6 +174,18 @@ class RunDir:
         if diff:
             shown = ", ".join(f"{key}: {a!r} there, {b!r} now" for key, (a, b) in diff.items())
             raise RunDirError(f"{self.path} holds a run with other settings ({shown}); use another --run-dir or delete it")
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (a's value, b's value)}`` where two run configs differ.
+
+    A setting one lacks counts as None (it was added to train.py after that
+    run); ``inputs``, the digest of the training data recorded since
+    2026-12-01, is compared only where both have it.
+    """
+    keys = dict.fromkeys([*a, *b])
+    return {key: (a.get(key), b.get(key)) for key in keys
+            if a.get(key) != b.get(key) and not (key == "inputs" and (key not in a or key not in b))}
 
 
 def _normalised(config: dict[str, Any]) -> dict[str, Any]:

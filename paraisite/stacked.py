@@ -66,10 +66,13 @@ class StackedModel:
 
         return vmap(one)(self.params, self.buffers, x.node_type, x.edge_index, x.edge_dist, x.batch, x.state)
 
+    def member_state(self, m: int) -> dict[str, Tensor]:
+        """The state dict of member ``m`` (views into the stacked tensors)."""
+        return {k: v[m].detach() for k, v in self.params.items()} | {k: v[m] for k, v in self.buffers.items()}
+
     def load_into(self, m: int, model: ParAIsite) -> ParAIsite:
         """Copy the weights of member ``m`` into ``model`` (to save it)."""
-        weights = {k: v[m] for k, v in self.params.items()} | {k: v[m] for k, v in self.buffers.items()}
-        model.load_state_dict(weights)
+        model.load_state_dict(self.member_state(m))
         return model
 
 

@@ -42,6 +42,17 @@ def adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, eps=1e-8, fused=True)
 
 
+def _param_group(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimiser's settings (lr as scheduled, betas, ...), without its parameters."""
+    return {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+
+
+def validation_mape(model: ParAIsite, graphs: list, idx: np.ndarray, transform: TargetTransform, data: LTCDataset,
+                    device: torch.device) -> float:
+    """MAPE (W/m/K) of ``model`` on the structures ``idx`` of ``data`` (``graphs``: its graphs, on ``device``)."""
+    return float(mape_loss(predict(model, [graphs[i] for i in idx], transform, device), data.ltc[idx]))
+
+
 def _load_adam(optimizer: torch.optim.Optimizer, adam_states: list[dict[str, Tensor]], param_group: dict) -> None:
     optimizer.load_state_dict({"state": dict(enumerate(adam_states)),
                                "param_groups": [dict(param_group, params=list(range(len(adam_states))))]})
@@ -77,16 +88,14 @@ class PlainStep:
 
     def losses(self, parts: list[np.ndarray]) -> list[float]:
         (idx,) = parts
-        pred = predict(self.model, [self.graphs[i] for i in idx], self.transform, self.device)
-        return [float(mape_loss(pred, self.data.ltc[idx]))]
+        return [validation_mape(self.model, self.graphs, idx, self.transform, self.data, self.device)]
 
     def member(self, m: int) -> ParAIsite:
         return self.model
 
     def state(self) -> tuple[list[MemberState], dict[str, Any]]:
         adam_state = [self.optimizer.state[p] for p in self.params]
-        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
-        return [{"model": self.model.state_dict(), "adam": dict(zip(self.names, adam_state))}], group
+        return [{"model": self.model.state_dict(), "adam": dict(zip(self.names, adam_state))}], _param_group(self.optimizer)
 
     def load_state(self, members: list[MemberState], param_group: dict[str, Any]) -> None:
         (member,) = members
@@ -126,22 +135,20 @@ class StackedStep:
             return validate(self.net, self.packed, parts, self.transforms)
         # on a CPU the vmapped forward over validation-sized chunks is memory-bound and was measured slower
         # than M plain forwards; this way the numbers are also exactly those of PlainStep for the same weights
-        return [float(mape_loss(predict(self.member(m), [self.data.graphs[i] for i in idx], t, self.device),
-                                self.data.ltc[idx])) for m, (idx, t) in enumerate(zip(parts, self.transforms))]
+        return [validation_mape(self.member(m), self.data.graphs, idx, t, self.data, self.device)
+                for m, (idx, t) in enumerate(zip(parts, self.transforms))]
 
     def member(self, m: int) -> ParAIsite:
         return self.net.load_into(m, self.models[m])
 
     def state(self) -> tuple[list[MemberState], dict[str, Any]]:
         params = [self.net.params[n] for n in self.names]
-        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
         members = []
         for m in range(len(self.models)):
-            weights = {k: v[m].detach() for k, v in self.net.params.items()} | {k: v[m] for k, v in self.net.buffers.items()}
             moments = {n: {key: (v if key == "step" else v[m]) for key, v in self.optimizer.state[p].items()}
                        for n, p in zip(self.names, params)}
-            members.append({"model": weights, "adam": moments})
-        return members, group
+            members.append({"model": self.net.member_state(m), "adam": moments})
+        return members, _param_group(self.optimizer)
 
     def load_state(self, members: list[MemberState], param_group: dict[str, Any]) -> None:
         with torch.no_grad():

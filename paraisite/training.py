@@ -167,10 +167,15 @@ def train(
     finishes past it; returns True when every split is finished.
     """
     pending = [k for k in sorted(set(splits)) if not run.finished(k)]
-    for group in ([pending] if stacked and pending else [[k] for k in pending]):
+    for group in split_groups(pending, stacked):
         if not _train_group(data, group, config, run, device, stacked, deadline, progress, cuda_graphs):
             return False
     return True
+
+
+def split_groups(splits: list[int], stacked: bool) -> list[list[int]]:
+    """The groups the splits are trained in: all together when ``stacked``, else one by one."""
+    return [list(splits)] if stacked and splits else [[k] for k in splits]
 
 
 def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run: RunDir, device: torch.device,

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paraisite.report import (  # noqa: E402
     COLUMN_NAMES, METRIC_TITLES, aggregate, collapsed, paper_name, paper_value, read_csv, write_csv,
 )
-from paraisite.rundir import RunDir  # noqa: E402
+from paraisite.rundir import RunDir, config_differences  # noqa: E402
 
 METRIC_DIGITS = {"mape": 2, "mape_paper_scale": 2, "r2": 2, "mae": 2, "rmse": 2}
 
@@ -61,11 +61,7 @@ def merge_runs(earlier: dict, later: dict) -> dict:
     to one run when their settings agree; otherwise the later run replaces
     the earlier whole.
     """
-    def settings(config: dict, other: dict) -> dict:  # a setting added to train.py later is None in the runs before it
-        # the inputs' digest is recorded since 2026-12-01: compared only where both runs have it
-        return {key: value for key, value in config.items() if value is not None and (key != "inputs" or key in other)}
-
-    if settings(earlier["config"], later["config"]) != settings(later["config"], earlier["config"]):
+    if config_differences(earlier["config"], later["config"]):
         print(f"{later['folder']} replaces {earlier['folder']}: other settings", file=sys.stderr)
         return later
     mine = {int(r["split"]) for r in later["results"]}

@@ -187,8 +187,8 @@ def array_sha256(values: np.ndarray | h5py.Dataset, rows: int = 1 << 20) -> str:
     """sha256 of an array's values (C order, little-endian), read a slice of ``rows`` at a time."""
     digest = hashlib.sha256()
     for a in range(0, values.shape[0], rows):
-        part = np.ascontiguousarray(values[a : a + rows])
-        digest.update(part.astype(part.dtype.newbyteorder("<"), copy=False).tobytes())
+        part = np.asarray(values[a : a + rows])
+        digest.update(np.ascontiguousarray(part.astype(part.dtype.newbyteorder("<"), copy=False)))
     return digest.hexdigest()
 
 
