@@ -47,13 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
             "output (--out): CSV, one row per input structure, in input order:\n"
             "  id, formula, ltc_split<k> (W/m/K, one per model), ltc_mean, ltc_std (sample std), ltc_std_over_mean,\n"
             "  ltc_max, ltc_max_x_std_over_mean, n_sites, volume (Å^3), density (g/cm^3), atomic_density (atoms/Å^3),\n"
-            "  n_elements, [eform_ev_per_atom], warning (no neighbour within the cutoff; element or size outside the\n"
+            "  n_elements, [eform_ev_per_atom], input_<field> (each field the cache carries, e.g. the Materials Project's\n"
+            "  band_gap, is_stable as 1/0), warning (no neighbour within the cutoff; element or size outside the\n"
             "  training data; 'error: ...' when there is no prediction, e.g. a structure that could not be read).\n"
             "beside it: <base>.summary.md (top table, correlations), <base>.ltc.png, <base>.spread.png, <base>.scan.json.\n"
             "while running, rows go to <out>.parts/rank<r>.csv as they are produced; a re-run resumes from them.\n\n"
             "examples:\n"
             "  python train.py --init fe+af --dataset togo15          # the default models: runs/fe+af_togo15\n"
-            "  python -m megnet_pt.cache build mp_stable.json -o mp_stable.h5 --workers 8\n"
+            "  python -m megnet_pt.cache build --from-mp is_stable=true -o mp_stable.h5 --workers 8   # needs MP_API_KEY\n"
             "  python scan.py mp_stable.h5 --with-eform --correlations\n"
             "  torchrun --nproc-per-node 4 scan.py mp_stable.h5     # 4 processes (GPUs if present), one output"
         ),
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-eform", action="store_true",
                    help="add the formation energy predicted by the published MEGNet (eV/atom)")
     p.add_argument("--correlations", action="store_true",
-                   help="Pearson r and p-value between the mean (and variance) of the predictions and the descriptors")
+                   help="Pearson r and p-value between the mean (and variance) of the predictions and the descriptors, "
+                   "and every numeric field of the inputs (input_<field>: as the paper's Tables 1-4 on Materials Project fields)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="structures per batch (default: 32 on a CPU, 256 on a GPU; results do not depend on it)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")

@@ -13,7 +13,7 @@ import json
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +103,7 @@ DATASET_LABELS = "labels.csv"
 JSON_SUFFIXES = (".json", ".json.gz")
 XYZ_SUFFIXES = (".xyz", ".extxyz")
 ID_KEYS = ("material_id", "id", "task_id")
-NOT_LABELS = {"id", "formula", "material_id", "task_id", "structure"}
+NOT_LABELS = {"id", "formula", "material_id", "task_id", "structure", "reason"}
 
 
 @dataclass
@@ -119,9 +119,12 @@ class StructureEntry:
     source: Path
     data: Any = None
     labels: dict[str, float] = field(default_factory=dict)
+    missing: str = ""  # why a record of a multi-structure file holds no structure
 
     def load(self) -> Structure:
         """Parse the structure; ``StructureError`` (naming id or file) when that fails."""
+        if self.missing:
+            raise StructureError(f"{self.id}: {self.missing} ({self.source})")
         if self.data is None:
             return read_structure(self.source)
         if isinstance(self.data, dict):
@@ -174,11 +177,13 @@ class StructureInputs:
             f"; and {len(duplicates) - 10} more" if len(duplicates) > 10 else "")
 
 
-def collect_structures(inputs: Iterable[str | Path] | str | Path) -> StructureInputs:
+def collect_structures(inputs: Iterable[str | Path] | str | Path, fields: Sequence[str] | None = None) -> StructureInputs:
     """List the structures of the inputs (see ``iter_structures``), in input order.
 
-    Label columns are the union over inputs, in order of first appearance;
-    an entry lacking a column gets NaN for it in the cache.
+    Label columns (per-structure properties) are the numeric and boolean
+    fields of the inputs, their union in order of first appearance, or just
+    ``fields`` when given (each must be found in some input); an entry lacking
+    a column gets NaN for it in the cache.
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -208,6 +213,14 @@ def collect_structures(inputs: Iterable[str | Path] | str | Path) -> StructureIn
         entries.extend(found)
         files.extend(found_files)
         label_names.extend(n for n in names if n not in label_names)
+    if fields is not None:
+        absent = [f for f in fields if f not in label_names]
+        if absent:
+            raise StructureError(f"no input has a numeric or boolean field named {', '.join(map(repr, absent))} "
+                                 f"(fields found: {', '.join(label_names) or 'none'})")
+        label_names = list(dict.fromkeys(fields))
+        for e in entries:
+            e.labels = {n: v for n, v in e.labels.items() if n in label_names}
     return StructureInputs(entries, label_names, files)
 
 
@@ -246,9 +259,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def _as_label(value: Any) -> float | None:
-    """A numeric label value, or None for anything else (text, bools, containers)."""
-    if isinstance(value, bool) or value is None:
-        return None
+    """A label value: a number, a boolean as 1.0 / 0.0; None for anything else (text, containers, null)."""
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
     if isinstance(value, (int, float, np.integer, np.floating)):
         return float(value)
     return None
@@ -312,19 +325,23 @@ def _pymatgen_json(path: Path) -> tuple[list[StructureEntry], list[str]]:
     names: list[str] = []
     for k, record in enumerate(records):
         if not isinstance(record, dict):
-            entries.append(StructureEntry(f"{structure_id(path)}-{k}", path, {"bad record": repr(record)[:80]}))
+            entries.append(StructureEntry(f"{structure_id(path)}-{k}", path, missing=f"record {k} is not a structure "
+                                          f"or a {{'material_id', 'structure'}} record: {repr(record)[:80]}"))
             continue
         sid = next((str(record[key]) for key in ID_KEYS if record.get(key) is not None), None)
+        missing = ""
         if "structure" in record:
             structure = record["structure"]
-            labels = {key: v for key, v in record.items() if key not in NOT_LABELS and _as_label(v) is not None}
+            labels = {key: _as_label(v) for key, v in record.items() if key not in NOT_LABELS and _as_label(v) is not None}
+            if not isinstance(structure, dict):
+                missing = str(record.get("reason") or "the record has no structure" if structure is None else
+                              f"the record's structure is not a Structure.as_dict() dict ({type(structure).__name__})")
         else:  # a bare Structure.as_dict()
             structure, labels = record, {}
             props = record.get("properties") or {}
             sid = sid or next((str(props[key]) for key in ID_KEYS if props.get(key) is not None), None)
-        labels = {key: float(v) for key, v in labels.items()}
         names.extend(n for n in labels if n not in names)
-        entries.append(StructureEntry(sid or f"{structure_id(path)}-{k}", path, structure, labels))
+        entries.append(StructureEntry(sid or f"{structure_id(path)}-{k}", path, structure, labels, missing))
     return entries, names
 
 

@@ -4,8 +4,10 @@ One pass over the scan CSV, a chunk at a time: the ``--top`` materials with
 the lowest max prediction (the paper's Table S6), histograms of the mean and
 of every model's prediction, the spread std/mean against the mean, and with
 ``correlations`` Pearson's r and its p-value (``scipy.stats.pearsonr``) of the
-mean and the variance of the predictions against each descriptor (as the
-paper's Tables 1-4).
+mean and the variance of the predictions against each descriptor and each
+numeric field the inputs carry (``input_<field>`` columns: the Materials
+Project's energy_per_atom, band_gap, is_stable as 1/0, ... as the paper's
+Tables 1-4), over the materials that have both.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 from scipy import stats
 
 from .scan_files import ScanPaths
-from .screening import EFORM_COLUMN
+from .screening import EFORM_COLUMN, INPUT_PREFIX
 
 def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int]:
     """(r, two-sided p, n) over the pairs without a NaN; NaN where r is undefined (n < 3 or a constant)."""
@@ -110,7 +112,8 @@ def summarize(out: str | Path, top: int = 30, correlations: bool = False) -> Sum
         np.add.at(summary.spread, (np.digitize(mean[both], HIST_EDGES), np.digitize(rel[both], SPREAD_EDGES)), 1)
         if correlations:
             targets = {"ltc_mean": mean, "ltc_variance": std**2}
-            for name in CORRELATION_DESCRIPTORS:
+            inputs = [c for c in chunk[0] if c.startswith(INPUT_PREFIX)]
+            for name in [*CORRELATION_DESCRIPTORS, *inputs]:
                 if name not in chunk[0]:
                     continue
                 x = _column(chunk, name)
@@ -136,10 +139,17 @@ def top_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def descriptor_name(column: str) -> str:
+    """How the summary names a column: ours by what it is, the inputs' own fields by their name."""
+    if column.startswith(INPUT_PREFIX):
+        return f"{column[len(INPUT_PREFIX):]} (field of the input)"
+    return CORRELATION_DESCRIPTORS[column]
+
+
 def correlation_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| predicted | descriptor | Pearson r | p-value | n |", "|---|---|---|---|---|"]
     for c in rows:
-        lines.append(f"| {CORRELATION_TARGETS[c['target']]} | {CORRELATION_DESCRIPTORS[c['descriptor']]} | "
+        lines.append(f"| {CORRELATION_TARGETS[c['target']]} | {descriptor_name(c['descriptor'])} | "
                      f"{c['pearson_r']:.3f} | {c['p_value']:.3g} | {c['n']} |")
     return "\n".join(lines)
 
@@ -223,7 +233,7 @@ def write_summary(out: str | Path, summary: Summary, top: int, notes: Sequence[s
               "LTC in W/m/K; std is the sample standard deviation of the models' predictions.", "",
               top_table(summary.top), ""]
     if summary.correlations:
-        lines += ["## Correlations with simple descriptors (as Tables 1-4)", "",
+        lines += ["## Correlations with descriptors and the inputs' fields (as Tables 1-4)", "",
                   "Pearson r over the materials with a prediction; two-sided p-value from Student's t.", "",
                   correlation_table(summary.correlations), ""]
         with open(paths.sidecar(".correlations.csv"), "w", newline="") as f:

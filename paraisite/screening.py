@@ -15,6 +15,8 @@ Output CSV columns, one row per input structure:
     id, formula, ltc_split<k> (one per model), the five statistics above,
     n_sites, volume (Å^3), density (g/cm^3), atomic_density (atoms/Å^3), n_elements,
     [eform_ev_per_atom: the published MEGNet formation energy, with --with-eform],
+    input_<field> for every per-structure field of the cache (its labels: e.g. the
+    Materials Project's band_gap, is_stable as 1/0; empty where missing),
     warning
 
 ``warning`` is empty, or lists (separated by "; "): atoms without a neighbour
@@ -57,15 +59,16 @@ from .scan_files import ScanPaths, append_rows, merge_parts, prepare_parts
 STAT_COLUMNS = ["ltc_mean", "ltc_std", "ltc_std_over_mean", "ltc_max", "ltc_max_x_std_over_mean"]
 DESCRIPTOR_COLUMNS = ["n_sites", "volume", "density", "atomic_density", "n_elements"]
 EFORM_COLUMN = "eform_ev_per_atom"
+INPUT_PREFIX = "input_"  # the cache's own per-structure fields, as given
 SIZE_FACTOR = 2.0  # "far beyond the training range": more than twice the atoms of the largest training cell
 AMU_PER_A3_TO_G_PER_CM3 = 1.66053906660
 
 
 # --- columns and per-structure quantities ---------------------------------------------------------
 
-def columns(splits: Sequence[int], with_eform: bool) -> list[str]:
+def columns(splits: Sequence[int], with_eform: bool, fields: Sequence[str] = ()) -> list[str]:
     return (["id", "formula"] + [f"ltc_split{k}" for k in splits] + STAT_COLUMNS + DESCRIPTOR_COLUMNS
-            + ([EFORM_COLUMN] if with_eform else []) + ["warning"])
+            + ([EFORM_COLUMN] if with_eform else []) + [INPUT_PREFIX + f for f in fields] + ["warning"])
 
 
 def ensemble_statistics(pred: np.ndarray) -> dict[str, np.ndarray]:
@@ -172,11 +175,19 @@ def _number(value: float, digits: int = 7) -> str:
     return f"{value:.{digits}g}" if math.isfinite(value) else "nan"
 
 
+def _field(value: float) -> str:
+    """An input's own value as given: whole numbers (and booleans, 1/0) without a decimal point, others exactly."""
+    if not math.isfinite(value):
+        return ""
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
 def format_rows(
     ids: Sequence[str], formulas: Sequence[str], pred: np.ndarray | None, desc: dict[str, np.ndarray] | None,
     eform: np.ndarray | None, warnings: Sequence[str], with_eform: bool, n_models: int,
+    fields: np.ndarray | None = None,
 ) -> list[list[str]]:
-    """CSV rows; ``pred`` None (or a NaN row) leaves the prediction columns empty."""
+    """CSV rows; ``pred`` None (or a NaN row) leaves the prediction columns empty, a NaN field its cell."""
     stats = ensemble_statistics(pred) if pred is not None else None
     rows = []
     for i, (sid, formula) in enumerate(zip(ids, formulas)):
@@ -192,6 +203,8 @@ def format_rows(
             row += [""] * len(DESCRIPTOR_COLUMNS)
         if with_eform:
             row.append(_number(float(eform[i])) if eform is not None else "")
+        if fields is not None:
+            row += [_field(float(v)) for v in fields[i]]
         row.append(" ".join(warnings[i].split()))
         rows.append(row)
     return rows
@@ -276,7 +289,8 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
     device = torch.device(settings.device)
     paths = ScanPaths(Path(out))
     with_eform = eform_model is not None
-    header = columns(ensemble.info.splits if ensemble.info else range(1, len(ensemble) + 1), with_eform)
+    field_names = cache.label_names if cache.labels is not None else []
+    header = columns(ensemble.info.splits if ensemble.info else range(1, len(ensemble) + 1), with_eform, field_names)
     failures = cache.failures
     order = {sid: k for k, sid in enumerate(cache.ids)}
     order.update({sid: len(cache) + k for k, (sid, _) in enumerate(failures)})
@@ -297,7 +311,7 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
     if rank == 0 and failed_todo:
         rows = format_rows([failures[k][0] for k in failed_todo], ["" for _ in failed_todo], None, None, None,
                            [f"error: could not be turned into a graph: {failures[k][1]}" for k in failed_todo],
-                           with_eform, len(ensemble))
+                           with_eform, len(ensemble), np.full((len(failed_todo), len(field_names)), math.nan))
         append_rows(paths.part(0), rows, header)
         report.failed += len(rows)
 
@@ -313,7 +327,9 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
             pred, eform, errors = predict_batch(batch, ensemble, device, eform_model)
             warnings = batch_warnings(batch, cache.cutoff, domain)
             notes = [e + ("; " + w if w else "") if e else w for e, w in zip(errors, warnings)]
-            rows = format_rows(batch.id, batch.formula, pred, descriptors(batch), eform, notes, with_eform, len(ensemble))
+            fields = cache.labels[[order[sid] for sid in batch.id]] if field_names else None
+            rows = format_rows(batch.id, batch.formula, pred, descriptors(batch), eform, notes, with_eform, len(ensemble),
+                               fields)
             append_rows(paths.part(rank), rows, header)
             n_bad = sum(1 for e in errors if e)
             report.failed += n_bad

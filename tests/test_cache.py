@@ -463,7 +463,7 @@ def test_pymatgen_json_inputs(shared: Path, tmp_path: Path) -> None:
 
 
 def test_extxyz_inputs(shared: Path, tmp_path: Path) -> None:
-    import ase.io
+    ase_io = pytest.importorskip("ase.io", reason="extended-XYZ inputs are read with ASE (pip install ase, in .[test])")
     from ase import Atoms
     from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -474,13 +474,13 @@ def test_extxyz_inputs(shared: Path, tmp_path: Path) -> None:
         frames.append(atoms)
     frames.append(Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]))  # a molecule: no cell
     path = tmp_path / "frames.extxyz"
-    ase.io.write(path, frames, format="extxyz")
+    ase_io.write(path, frames, format="extxyz")
     report = build_cache([path], tmp_path / "xyz.h5", progress=False)
     assert [i for i, _ in report.failures] == ["frames-2"] and "periodic" in report.failures[0][1]
     cache = GraphCache(tmp_path / "xyz.h5")
     assert cache.ids == ["mp-23231", "mp-1190"] and cache.label_names == ["ltc"]
     np.testing.assert_array_equal(cache.labels[:, 0], [0.5, 1.5])
-    for k, (i, atoms) in enumerate(zip(cache.ids, ase.io.read(path, index=":2"))):
+    for k, (i, atoms) in enumerate(zip(cache.ids, ase_io.read(path, index=":2"))):
         assert_same_graph(cache[k], structure_to_graph(atoms, id=i))
     listed = list(iter_structures([path]))
     assert [i for i, _, _ in listed] == ["mp-23231", "mp-1190", "frames-2"]

@@ -307,3 +307,43 @@ def test_torchrun_two_processes_give_the_one_process_output(baseline, run_dir, c
     assert [r["warning"] for r in rows] == [r["warning"] for r in base]
     np.testing.assert_allclose(values(rows), values(base), rtol=2e-5, equal_nan=True)
     assert not out.with_name("ltc.csv.parts").exists()
+
+
+def test_correlations_with_the_inputs_own_fields(run_dir, shared, workdir):
+    """A cache of records with fields (a float, a boolean, one missing for some): input_ columns, scipy's r and p."""
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    records = []
+    for k, f in enumerate(sorted((shared / "data" / "togo15" / "cif").glob("*.cif"))[:14]):
+        record = {"material_id": f.stem, "structure": Structure.from_file(f).as_dict(), "band_gap": float(rng.uniform(0, 4)),
+                  "is_stable": bool(k % 3), "formula_pretty": "text, not a field"}
+        if k % 4:
+            record["hardness"] = float(rng.normal())  # missing for every fourth
+        records.append(record)
+    source = workdir / "fields" / "records.json"
+    source.parent.mkdir()
+    source.write_text(json.dumps(records))
+    cache = source.with_suffix(".h5")
+    build_cache([source], cache, progress=False)
+    out = source.with_name("ltc.csv")
+    assert run_scan_cli(cache, "--models", run_dir, "--out", out, "--correlations") == 0
+    rows = read(out)
+    assert [r["id"] for r in rows] == [r["material_id"] for r in records]
+    assert [float(r["input_band_gap"]) for r in rows] == [r["band_gap"] for r in records]
+    assert [r["input_is_stable"] for r in rows] == [str(int(r["is_stable"])) for r in records]
+    assert [r["input_hardness"] for r in rows][::4] == ["", "", "", ""]
+    stored = {(c["target"], c["descriptor"]): c for c in csv.DictReader(open(out.with_name("ltc.correlations.csv")))}
+    mean = np.array([float(r["ltc_mean"]) for r in rows])
+    variance = np.array([float(r["ltc_std"]) for r in rows]) ** 2
+    for field in ("band_gap", "is_stable", "hardness"):
+        x = np.array([float(r[f"input_{field}"]) if r[f"input_{field}"] else math.nan for r in rows])
+        ok = np.isfinite(x)
+        for target, y in (("ltc_mean", mean), ("ltc_variance", variance)):
+            expected = stats.pearsonr(x[ok], y[ok])
+            c = stored[(target, f"input_{field}")]
+            assert int(c["n"]) == ok.sum() == (14 if field != "hardness" else 10)
+            assert float(c["pearson_r"]) == pytest.approx(expected.statistic, rel=1e-6)
+            assert float(c["p_value"]) == pytest.approx(expected.pvalue, rel=1e-5)
+    md = out.with_name("ltc.summary.md").read_text()
+    assert "is_stable (field of the input)" in md and "formula_pretty" not in md

@@ -10,10 +10,16 @@ from pathlib import Path
 import numpy as np
 
 from ..graph import DEFAULT_CUTOFF, StructureError
+from ..materials_project import PAPER_FIELDS, MaterialsProjectError, download
 from ..predict import positive_int
 from .format import COMMIT_EVERY, CacheError, _open_partial, _partial_path
 from .reader import GraphCache
-from .writer import build_cache
+from .writer import build_cache, check_output
+
+
+def mp_folder(out: Path) -> Path:
+    """Where ``--from-mp`` keeps the records it downloads for the cache ``out``."""
+    return out.with_name(out.name + ".mp")
 
 
 def read_progress(path: str | Path) -> dict[str, int]:
@@ -60,9 +66,9 @@ def describe(path: str | Path, failures: bool = False) -> str:
             v = cache.labels[:, k]
             ok = v[np.isfinite(v)]
             stats = f"min {ok.min():.4g}, median {np.median(ok):.4g}, max {ok.max():.4g}" if ok.size else "all missing"
-            lines.append(f"  label {name:<9} {stats} ({v.size - ok.size} missing)")
+            lines.append(f"  field {name:<9} {stats} ({v.size - ok.size} missing)")
     else:
-        lines.append("  labels          none")
+        lines.append("  fields          none (no numeric or boolean field in the inputs)")
     if failures:
         lines += [f"  failed {i}: {reason}" for i, reason in cache.failures]
     cache.close()
@@ -83,17 +89,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             "of *.cif, dataset folders (labels.csv with an id column and numeric label columns, plus cif/<id>.cif; "
             "the labels are stored too), pymatgen JSON files (a list of Structure.as_dict(), or of "
             "{'material_id', 'structure'} records as the Materials Project API returns them) or extended-XYZ files "
-            "(read with ASE). Structures that fail to convert are listed and the build goes on. The file is written "
-            "as OUT.partial and renamed when complete; re-running an interrupted build resumes it."
+            "(read with ASE); their numeric and boolean fields are stored beside each structure (booleans as 1/0; "
+            "--fields keeps only those named). With --from-mp the structures and their fields come from the "
+            "Materials Project (mp-api client, key from MP_API_KEY or --api-key), downloaded first into OUT.mp/. "
+            "Structures that fail to convert are listed and the build goes on. The file is written as OUT.partial "
+            "and renamed when complete; re-running an interrupted build or download resumes it."
         ),
+        epilog=(
+            "examples:\n"
+            "  python -m megnet_pt.cache build ../shared/data/togo15 -o togo15.h5\n"
+            "  python -m megnet_pt.cache build --from-mp \"is_stable=true\" -o mp_stable.h5 --workers 4\n"
+            "  python -m megnet_pt.cache build --from-mp \"chemsys=Si-O energy_above_hull=0,0.05\" -o si_o.h5\n"
+            "  python -m megnet_pt.cache build records.json -o records.h5 --fields band_gap,is_stable"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    b.add_argument("inputs", nargs="+", type=Path, help="structure files or folders")
+    b.add_argument("inputs", nargs="*", type=Path, help="structure files or folders (none with --from-mp alone)")
     b.add_argument("-o", "--out", type=Path, required=True, help="the cache file to write (e.g. graphs.h5)")
     b.add_argument("--cutoff", type=float, default=DEFAULT_CUTOFF, help="neighbour cutoff in Å (default %(default)s)")
     b.add_argument("--workers", type=positive_int, default=1, help="processes building graphs (default %(default)s)")
     b.add_argument("--commit-every", type=positive_int, default=COMMIT_EVERY,
                    help="inputs per flushed chunk; an interrupted build loses at most this many (default %(default)s)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--fields", type=lambda t: [f for f in t.split(",") if f], default=None,
+                   help="comma-separated fields of the inputs to store (default: every numeric or boolean field)")
+    mp = b.add_argument_group("Materials Project (needs pip install mp-api)")
+    mp.add_argument("--from-mp", nargs="+", action="extend", metavar="CRITERION",
+                    help="download the materials matching these criteria of the client's summary search, name=value: "
+                    "is_stable=true, energy_above_hull=0,0.05 (min,max), elements=Si,O, chemsys=Li-Fe-O, "
+                    "material_ids=mp-149,mp-13, ...")
+    mp.add_argument("--mp-fields", type=lambda t: [f for f in t.split(",") if f], default=list(PAPER_FIELDS),
+                    help="the record fields to download beside each structure (default: %(default)s)")
+    mp.add_argument("--api-key", default=None, help="Materials Project API key (default: $MP_API_KEY); never written anywhere")
+    mp.add_argument("--mp-endpoint", default=None,
+                    help="the API server (default: $MP_API_ENDPOINT, else the official https://api.materialsproject.org)")
     i = sub.add_parser("info", help="print what a graph cache holds",
                        description="Print what a graph cache holds and check that it is sound.")
     i.add_argument("path", type=Path)
@@ -103,15 +132,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
-            report = build_cache(args.inputs, args.out, cutoff=args.cutoff, workers=args.workers,
-                                 commit_every=args.commit_every, progress=not args.quiet)
+            inputs = list(args.inputs)
+            if not inputs and not args.from_mp:
+                parser.error("build: give structure files or folders, or --from-mp CRITERIA")
+            if args.from_mp:
+                check_output(args.out, args.cutoff)  # before a download that could take hours
+                folder = mp_folder(args.out)
+                inputs += download(args.from_mp, folder, args.mp_fields, args.api_key, args.mp_endpoint,
+                                   progress=not args.quiet)
+                print(f"{folder}: the downloaded records (kept: a rebuild reads them again; delete when done)")
+            report = build_cache(inputs, args.out, cutoff=args.cutoff, workers=args.workers,
+                                 commit_every=args.commit_every, progress=not args.quiet, fields=args.fields)
             print(report)
         else:
             print(describe(args.path, failures=args.failures))
             if args.verify:
                 GraphCache(args.path, in_memory=False).verify()
                 print("  verify          every array read back, checksums and values sound")
-    except (CacheError, StructureError, FileNotFoundError) as exc:  # unusable inputs or cache: say why, no traceback
+    except (CacheError, StructureError, MaterialsProjectError, FileNotFoundError) as exc:  # unusable inputs or cache: say why, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

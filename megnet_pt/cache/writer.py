@@ -74,6 +74,7 @@ def build_cache(
     workers: int = 1,
     commit_every: int = COMMIT_EVERY,
     progress: bool = True,
+    fields: Sequence[str] | None = None,
 ) -> BuildReport:
     """Convert every structure of ``inputs`` into a graph and write them to ``out``.
 
@@ -82,14 +83,16 @@ def build_cache(
     XYZ). Structures that fail to convert are recorded with the reason and the
     build goes on. The file is written as ``<out>.partial`` and renamed when
     complete; if a ``.partial`` of the same build exists (same inputs, cutoff
-    and vocabulary), the build resumes after its last flushed chunk. Graphs are
+    and vocabulary), the build resumes after its last flushed chunk. The
+    inputs' numeric and boolean fields are stored as labels (``fields``: only
+    those named). Graphs are
     built in ``workers`` processes and written in input order, so the file's
     content does not depend on ``workers``. An existing ``out`` is replaced.
     """
     out = Path(out)
     check_output(out, cutoff)
     with _build_lock(out):
-        return _build(inputs, out, cutoff, workers, commit_every, progress)
+        return _build(inputs, out, cutoff, workers, commit_every, progress, fields)
 
 
 def check_output(out: Path, cutoff: float) -> None:
@@ -103,10 +106,11 @@ def check_output(out: Path, cutoff: float) -> None:
 
 
 def _build(
-    inputs: Iterable[str | Path] | str | Path, out: Path, cutoff: float, workers: int, commit_every: int, progress: bool
+    inputs: Iterable[str | Path] | str | Path, out: Path, cutoff: float, workers: int, commit_every: int, progress: bool,
+    fields: Sequence[str] | None = None,
 ) -> BuildReport:
     start_time = time.perf_counter()
-    listed = collect_structures(inputs)
+    listed = collect_structures(inputs, fields)
     _check_duplicates(listed, out)
     header = _header(listed, cutoff)
     partial_path = _partial_path(out)
