@@ -27,6 +27,7 @@ from megnet_pt.elements import ELEMENTS
 from paraisite.ensemble import load_ensemble
 from paraisite.fused import FusedEform
 from paraisite.model import published_megnet
+from paraisite.paths import use_base_url
 from paraisite.processes import distributed, process_device
 from paraisite.report import paper_name
 from paraisite.rundir import SELECTIONS
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="fused", choices=("fused", "reference"),
                    help="fused: the models stacked into one pass (fast); reference: each model's own forward (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--base-url", default=None, metavar="URL", help="download the published weights (--with-eform) and the training data (warnings) from this mirror "
+                   "(a URL or folder laid out as <base>/<ParAIsite|CrabNet|matgl>/<path>; default: $PARAISITE_BASE_URL, "
+                   "else GitHub)")
     return p
 
 
@@ -106,6 +110,7 @@ def open_cache(args: argparse.Namespace, given_cache: bool, cutoff: float, rank:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    use_base_url(args.base_url)
     rank, world, local_rank = distributed()
     sync = torch.distributed if world > 1 else None
     try:

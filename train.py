@@ -22,6 +22,7 @@ from pathlib import Path
 
 from megnet_pt.checkpoint import CheckpointError
 from paraisite.datasets import NAMES, DatasetError
+from paraisite.paths import use_base_url
 from paraisite.processes import barrier, distributed, process_device
 from paraisite.protocol import Plan, check_given_aflow_run, describe_start, finish_distributed, run_protocol
 from paraisite.rundir import RunDir
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after the epoch that passes this many "
                    "minutes; re-run the same command to go on")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--base-url", default=None, metavar="URL", help="download the datasets and the published weights from this mirror "
+                   "(a URL or folder laid out as <base>/<ParAIsite|CrabNet|matgl>/<path>; default: $PARAISITE_BASE_URL, "
+                   "else GitHub)")
     p.add_argument("--ensemble", action="store_true", help="train the selected splits together as one vectorised model "
                    "(same results to float32 round-off); meant for a GPU, and on a CPU faster when it has several threads")
     p.add_argument("--no-cuda-graphs", action="store_true", help="with --ensemble on CUDA: launch every kernel of every "
@@ -99,6 +103,7 @@ def validate_names(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    use_base_url(args.base_url)
     try:
         tests = validate_names(args)
         rank, world, local_rank = distributed()

@@ -114,7 +114,8 @@ def sha256_file(path: str | Path) -> str:
 
 def default_advice() -> str:
     """What megnet_pt's own users can do when a download fails."""
-    return (f"set ${BASE_URL_ENV} to a mirror laid out as <base>/<repository folder>/<path in repository>, or set "
+    return (f"pass --base-url (python -m megnet_pt.predict takes it) or set ${BASE_URL_ENV} to a mirror laid out as "
+            "<base>/<repository folder>/<path in repository>, or set "
             f"${paths.ENV_VAR} to a folder that already holds weights/<model>/state.pt + model.json (now {paths.home()})")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -127,7 +128,14 @@ def main(argv: list[str] | None = None) -> int:
                         "or a folder with state.pt and model.json (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="structures per batch (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    parser.add_argument("--base-url", default=None, metavar="URL",
+                        help="download the published weights from this mirror (a URL or folder laid out as "
+                        "<base>/matgl/<path>; default: $MEGNET_PT_BASE_URL, else GitHub)")
     args = parser.parse_args(argv)
+    if args.base_url:
+        from .download import BASE_URL_ENV, resolve_base_url
+
+        os.environ[BASE_URL_ENV] = resolve_base_url(args.base_url) or args.base_url
 
     from .checkpoint import CheckpointError
     from .pretrained import load_model

@@ -13,6 +13,7 @@ folders are passed down to it.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from megnet_pt.download import resolve_base_url
@@ -47,8 +48,15 @@ def base_url(value: str | None = None) -> str | None:
     return resolve_base_url(value, env_var=BASE_URL_ENV)
 
 
+def use_base_url(value: str | None) -> None:
+    """An entry point's ``--base-url``: the mirror for everything this process downloads (``$PARAISITE_BASE_URL``)."""
+    if value:
+        os.environ[BASE_URL_ENV] = os.fspath(resolve_base_url(value) or value)
+
+
 def download_advice() -> str:
     """What to do when a download fails, in this package's settings."""
-    return (f"set ${BASE_URL_ENV} (or --base-url of python -m paraisite.data fetch) to a mirror of the upstream files, "
+    return (f"pass --base-url (train.py, scan.py and python -m paraisite.data fetch take it) or set ${BASE_URL_ENV} "
+            "to a mirror of the upstream files, "
             f"or set ${ENV_VAR} to a folder that already holds the data and weights (data/<dataset>/labels.csv + "
             f"cif/, weights/<model>/state.pt + model.json; now {home()})")

@@ -388,3 +388,21 @@ def test_command_line_info_and_errors(home: Path, upstream: Path, tmp_path: Path
     assert "togo15: 95 rows" in out and "miyazaki21: not fetched" in out and f"weights {MODEL}: not fetched" in out
     assert data.main(["fetch", "--dataset", "miyazaki21", "--base-url", str(tmp_path / "nowhere")]) == 1
     assert "error: cannot download" in capsys.readouterr().err
+
+
+def test_every_entry_point_takes_the_base_url_the_advice_names(home: Path, upstream: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    """The offline advice says "pass --base-url": train.py, scan.py and megnet_pt.predict take it, and it is used."""
+    root = Path(__file__).resolve().parents[1]
+    assert "--base-url" in paths.download_advice() and "--base-url" in dl.default_advice()
+    for cmd in (["train.py"], ["scan.py"], ["-m", "megnet_pt.predict"], ["-m", "paraisite.data", "fetch"]):
+        text = subprocess.run([sys.executable, *cmd, "--help"], cwd=root, capture_output=True, text=True).stdout
+        assert "--base-url" in text, cmd
+    sys.path.insert(0, str(root))
+    import train
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--init", "rw", "--dataset", "togo15", "--epochs", "1", "--splits", "1", "--no-progress",
+                       "--base-url", str(upstream)]) == 0
+    assert len(read_labels(home / "data" / "togo15")) - 1 == ROWS["togo15"]  # fetched from the mirror
