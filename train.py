@@ -9,8 +9,9 @@ first use into runs/fe_aflow_agl and reused afterwards). ``rw+af`` likewise
 from RWAF. Every split k (1..9) is an 80/20 hold-out drawn with seed k.
 
 Everything goes to ``runs/<init>_<dataset>/``; a re-run with the same
-arguments resumes an interrupted run and skips finished splits.
-``torchrun --nproc-per-node N train.py ...`` spreads the splits over N processes.
+arguments resumes an interrupted run and skips finished splits. On a CPU the
+splits are spread over one single-thread process per core (``--processes``);
+``torchrun --nproc-per-node N train.py ...`` does the same by hand.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from pathlib import Path
 from megnet_pt.checkpoint import CheckpointError
 from paraisite.datasets import NAMES, DatasetError
 from paraisite.paths import use_base_url
-from paraisite.processes import barrier, distributed, process_device
-from paraisite.protocol import Plan, check_given_aflow_run, describe_start, finish_distributed, run_protocol
+from paraisite.job_clock import JobClock
+from paraisite.processes import barrier, cpu_cores, cpu_processes, distributed, process_device, spawn
+from paraisite.protocol import (Plan, check_given_aflow_run, describe_job, describe_start, finish_distributed,
+                                run_protocol)
 from paraisite.rundir import RunDir
 from paraisite.training import INITS, TrainConfig
 
@@ -40,19 +43,49 @@ def parse_splits(text: str) -> list[int]:
     return list(range(1, values[0] + 1)) if len(values) == 1 and "," not in text else sorted(set(values))
 
 
+HELP = """\
+Train ParAIsite (Klochko & d'Aquin, PCCP 2026): a MEGNet graph network with an MLP head, predicting the lattice
+thermal conductivity (LTC, W/m/K at 300 K) of a crystal from its structure. Each of the nine splits (an 80/20
+hold-out drawn with seed k) trains one model; results, checkpoints, curves, summary.md and plots go to the run folder.
+
+datasets (--dataset, --test-on):
+  togo15      95 rocksalt, zinc-blende and wurtzite compounds, LTC from phono3py (Togo/Seko et al. 2015)
+  miyazaki21  143 half-Heusler compounds (Miyazaki et al. 2021)
+  mix         togo15 + miyazaki21, split per source
+  aflow_agl   3,269 AFLOW entries with the cheap AGL (Debye-Grueneisen) LTC: the intermediate pre-training set
+  a folder    with labels.csv (id,formula,ltc) and cif/<id>.cif
+
+starting points (--init):
+  rw          random MEGNet weights (the paper's step 1)
+  fe          the published formation-energy MEGNet (MEGNet-MP-2018.6.1-Eform), fresh head (step 2)
+  fe+af       fe, fine-tuned first on aflow_agl (the "AFLOW stage", one model per split, in runs/fe_aflow_agl),
+              then on --dataset (step 3, the paper's best): 9 + 9 = 18 models
+  rw+af       the same from random weights
+
+data: the datasets and weights are downloaded on first use into $PARAISITE_HOME (default ~/.cache/paraisite), from
+GitHub at pinned commits, or from the mirror --base-url / $PARAISITE_BASE_URL; every file is checked by sha256.
+cost: fe+af on togo15 is about 2.3 h on a 2-core CPU (the AFLOW stage is nearly all of it) and about 15 min on one
+H200 with --ensemble; the run prints its own estimate after its first epochs. Interrupt it at any time: the same
+command resumes it.
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, every flag with its default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] + " Results, checkpoints, curves, summary.md and plots go to the run folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=HELP,
+        formatter_class=HelpFormatter,
         epilog="Example: python train.py --init fe+af --dataset togo15 --test-on togo15,miyazaki21,mix,aflow_agl",
     )
-    p.add_argument("--init", default="fe+af", help=f"starting weights: {', '.join(INITS)} (rw random, fe formation energy, "
-                   "+af after the AFLOW stage of the same split)")
+    p.add_argument("--init", default="fe+af", help=f"starting weights: {', '.join(INITS)} (above)")
     p.add_argument("--dataset", default="togo15", help=f"training set: {', '.join(NAMES)}, or a folder with labels.csv and cif/")
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--splits", type=parse_splits, default=parse_splits("9"),
+    p.add_argument("--epochs", type=int, default=300, help="epochs per model (both stages of fe+af / rw+af)")
+    p.add_argument("--splits", type=parse_splits, default="9",
                    help="how many splits (9 = splits 1..9, 2 = splits 1 and 2) or a list (1,4,7; 4, = split 4 alone)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="structures per optimisation step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine annealing, T_max 1000 epochs, eta_min 1e-5)")
     p.add_argument("--seed", type=int, default=42, help="seeds model initialisation and shuffling (splits use seed k)")
     p.add_argument("--test-on", default="", help="also score each split's model on these datasets' validation parts "
@@ -69,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="not in the paper: choose best.pt on a share H (e.g. 0.1) of each split's training part, held out "
                    "from training, instead of on the validation part it is scored on (an honest early stopping; the "
                    "AFLOW stage of fe+af/rw+af keeps its own selection). Default folders get a suffix _holdout<H>")
-    p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after the epoch that passes this many "
-                   "minutes; re-run the same command to go on")
+    p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes, checked between epochs "
+                   "(the epoch running then is finished and saved first; an AFLOW epoch takes about 16 s on one CPU thread); "
+                   "re-run the same command to go on")
+    p.add_argument("--processes", default="auto", help="on a CPU: processes sharing the splits, each with cores/N threads; "
+                   "auto is one single-thread process per core, at most one per split (fastest; 1 = this process alone)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--base-url", default=None, metavar="URL", help="download the datasets and the published weights from this mirror "
                    "(a URL or folder laid out as <base>/<ParAIsite|CrabNet|matgl>/<path>; default: $PARAISITE_BASE_URL, "
@@ -101,11 +137,20 @@ def validate_names(args: argparse.Namespace) -> list[str]:
     return tests
 
 
+def pending_splits(config: TrainConfig, splits: list[int], run: RunDir) -> int:
+    """How many splits still train in the busiest stage of the job."""
+    stages = [run] + ([RunDir(config.aflow_run)] if config.aflow_run else [])
+    return max(sum(not r.finished(k) for k in splits) for r in stages)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     use_base_url(args.base_url)
     try:
         tests = validate_names(args)
+        if args.processes != "auto" and not (args.processes.isdigit() and int(args.processes) >= 1):
+            raise DatasetError(f"--processes takes auto or a number of processes (got {args.processes!r})")
         rank, world, local_rank = distributed()
         device = process_device(args.device, world, local_rank)
         aflow_run = args.aflow_run or str(RunDir.default_aflow(args.init, args.clip_grad_norm))
@@ -116,11 +161,18 @@ def main(argv: list[str] | None = None) -> int:
             check_given_aflow_run(config, args.splits)
         run = RunDir(args.run_dir) if args.run_dir else RunDir.default(args.init, args.dataset, args.clip_grad_norm,
                                                                           args.select_holdout)
+        if world == 1 and device.type == "cpu" and not args.ensemble:
+            processes, threads = cpu_processes(args.processes, pending_splits(config, args.splits, run))
+            if processes > 1:  # the fastest path on a CPU: the splits shared by single-thread processes
+                print(f"{describe_job(config, args.splits, run)}\non this CPU ({cpu_cores()} cores): {processes} "
+                      f"processes x {threads} thread(s) share the splits (--processes 1: one process)", file=sys.stderr)
+                return spawn(__file__, argv, processes, threads)
         deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
+        clock = JobClock(processes=world) if rank == 0 else None
         plan = Plan(args.splits, run, tests, device, args.ensemble, not args.no_cuda_graphs, deadline,
-                    not args.no_progress, rank, world)
+                    not args.no_progress and rank == 0, rank, world, clock)
         if rank == 0:
-            print(describe_start(config, plan), file=sys.stderr)
+            print(describe_job(config, args.splits, run) if world == 1 else describe_start(config, plan), file=sys.stderr)
             if device.type == "cuda" and not args.ensemble and len(args.splits) > world:
                 print("note: on CUDA, --ensemble trains the splits together and is several times faster "
                       "(docs/performance.md)", file=sys.stderr)

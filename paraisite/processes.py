@@ -29,3 +29,56 @@ def process_device(name: str, world: int, local_rank: int) -> torch.device:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)  # kernels, streams and CUDA graphs of this process go to its own GPU
     return device
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_processes(requested: str, pending_splits: int, cores: int | None = None) -> tuple[int, int]:
+    """(processes, threads each) for training on a CPU: ``auto`` is one single-thread process per core, at most
+    one per split (on 2 cores, 2 x 1 thread trains 1.5x faster than 1 x 2: docs/performance.md); a number is that."""
+    cores = cores or cpu_cores()
+    if requested == "auto":
+        n = max(1, min(cores, pending_splits))
+    else:
+        n = int(requested)
+    return n, max(1, cores // n)
+
+
+def spawn(script: str, argv: list[str], processes: int, threads: int) -> int:
+    """Run ``script argv`` as ``processes`` ranks of one job on this machine, as torchrun would; the worst exit code.
+
+    Every rank gets ``threads`` threads (OMP_NUM_THREADS). Ctrl-C stops them all;
+    each has saved its last finished epoch, and the same command resumes.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(processes),
+                LOCAL_WORLD_SIZE=str(processes), OMP_NUM_THREADS=str(threads))
+    children = [subprocess.Popen([sys.executable, script, *argv], env=base | {"RANK": str(r), "LOCAL_RANK": str(r)})
+                for r in range(processes)]
+    try:
+        while True:
+            codes = [child.poll() for child in children]
+            if all(c is not None for c in codes):
+                return max(codes, key=abs)
+            if any(c not in (None, 0) for c in codes):  # a rank failed: the others would wait for it at a barrier
+                for child, c in zip(children, codes):
+                    if c is None:
+                        child.terminate()  # what each saved (state files are written whole) stays
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # the children got the Ctrl-C too, and stop after saving
+        for child in children:
+            child.wait()
+        return 130

@@ -10,6 +10,7 @@ Under torchrun each process takes every ``world``-th split; rank 0 writes
 """
 from __future__ import annotations
 
+import functools
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 from megnet_pt.checkpoint import CheckpointError
 
 from .datasets import LTCDataset, dataset_folder, load_dataset, read_labels
+from .job_clock import JobClock, Stage
 from .paper_scale import PaperScale
 from .processes import barrier
 from .report import collapsed, paper_name, plot_curves, plot_parity, read_csv, summary_markdown, write_csv
@@ -40,10 +42,11 @@ class Plan:
     progress: bool = True
     rank: int = 0
     world: int = 1
+    clock: JobClock | None = None  # progress lines and the estimate of the time left (rank 0)
 
     def for_aflow_stage(self, config: TrainConfig, splits: list[int]) -> "Plan":
         return Plan(splits, RunDir(config.aflow_run), [], self.device, self.stacked, self.cuda_graphs, self.deadline,
-                    self.progress, self.rank, self.world)
+                    self.progress, self.rank, self.world, self.clock)
 
 
 def check_given_aflow_run(config: TrainConfig, splits: list[int]) -> None:
@@ -113,6 +116,13 @@ def run_protocol(config: TrainConfig, plan: Plan, report: bool = True) -> bool:
     barrier(plan.world)
     if plan.rank != 0:
         datasets = _datasets(config, plan, needs_stage)
+    data = datasets[config.dataset]
+    name = paper_name(config.init, config.dataset)
+    on_epoch = None
+    if plan.clock is not None and mine:
+        n_train = len(data.training_parts(mine[0], config.select_holdout)[0])
+        plan.clock.add(Stage(name, plan.run, mine, config.epochs, n_train))
+        on_epoch = functools.partial(plan.clock.epoch_done, name)
     if aflow is not None:
         missing = [k for k in mine if not aflow.finished(k)]  # never started or interrupted: trained or resumed here
         if missing:
@@ -121,14 +131,14 @@ def run_protocol(config: TrainConfig, plan: Plan, report: bool = True) -> bool:
                   file=sys.stderr)
             if not run_protocol(stage, plan.for_aflow_stage(config, missing), report=plan.world == 1):
                 return False
-    data = datasets[config.dataset]
     # the module of a +af model carries AFLOW's scaler upstream (paraisite/paper_scale.py); float32, as LTCDataset.ltc
     aflow_ltc = (torch.tensor(read_labels(dataset_folder("aflow_agl") / "labels.csv")[2], dtype=torch.float32)
                  if aflow is not None else None)
     paper_scale = PaperScale.for_run(config.init, data, aflow_ltc)
     run = plan.run
     for group in split_groups(mine, plan.stacked):
-        if not train(data, group, config, run, plan.device, plan.stacked, plan.deadline, plan.progress, plan.cuda_graphs):
+        if not train(data, group, config, run, plan.device, plan.stacked, plan.deadline, plan.progress, plan.cuda_graphs,
+                     on_epoch):
             return False
         for k in group:
             if run.evaluated(k, list(datasets)):
@@ -154,6 +164,20 @@ def finish_distributed(config: TrainConfig, plan: Plan) -> bool:
         if aflow is not None and aflow.path.is_dir():
             write_reports(aflow, config.aflow_stage(), plan.device)
     return done
+
+
+def describe_job(config: TrainConfig, splits: list[int], run: RunDir) -> str:
+    """What a job will train, up front: each stage's models, epochs and folder, and what is already done."""
+    def stage(cfg: TrainConfig, folder: RunDir) -> str:
+        done = [k for k in splits if folder.finished(k)]
+        return (f"{len(splits)} {paper_name(cfg.init, cfg.dataset)} model(s) ({cfg.init} on {cfg.dataset}, {cfg.epochs} "
+                f"epochs each) into {folder}" + (f", {len(done)} already finished" if done else ""))
+
+    parts = [stage(config, run)]
+    if config.aflow_run:
+        parts.insert(0, stage(config.aflow_stage(), RunDir(config.aflow_run)) + " (the AFLOW stage)")
+    total = len(splits) * len(parts)
+    return "plan: " + ", then ".join(parts) + f"; {total} models in all, split(s) {','.join(map(str, splits))}"
 
 
 def describe_start(config: TrainConfig, plan: Plan) -> str:

@@ -24,7 +24,9 @@ uninterrupted one.
 from __future__ import annotations
 
 import math
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -157,6 +159,7 @@ def _find_state(run: RunDir, pending: list[int], epochs: int, dataset: str) -> t
 def train(
     data: LTCDataset, splits: list[int], config: TrainConfig, run: RunDir, device: torch.device,
     stacked: bool = False, deadline: float | None = None, progress: bool = True, cuda_graphs: bool = True,
+    on_epoch: Callable[[list[int], int, float], None] | None = None,
 ) -> bool:
     """Train ``splits`` of ``data`` to ``config.epochs`` into ``run`` (see the module docstring).
 
@@ -164,11 +167,13 @@ def train(
     Splits already finished are left alone; a resume state of another group
     of splits is refused (``CheckpointError``). ``deadline`` (a
     ``time.monotonic()`` value) ends the call after the first epoch that
-    finishes past it; returns True when every split is finished.
+    finishes past it (the limit is checked between epochs); ``on_epoch(group,
+    epoch, seconds)`` is called after each epoch is saved. Returns True when
+    every split is finished.
     """
     pending = [k for k in sorted(set(splits)) if not run.finished(k)]
     for group in split_groups(pending, stacked):
-        if not _train_group(data, group, config, run, device, stacked, deadline, progress, cuda_graphs):
+        if not _train_group(data, group, config, run, device, stacked, deadline, progress, cuda_graphs, on_epoch):
             return False
     return True
 
@@ -179,7 +184,8 @@ def split_groups(splits: list[int], stacked: bool) -> list[list[int]]:
 
 
 def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run: RunDir, device: torch.device,
-                 stacked: bool, deadline: float | None, progress: bool, cuda_graphs: bool) -> bool:
+                 stacked: bool, deadline: float | None, progress: bool, cuda_graphs: bool,
+                 on_epoch: Callable[[list[int], int, float], None] | None = None) -> bool:
     group, state = _find_state(run, pending, config.epochs, data.name)
     M = len(group)
     train_idx, select_idx, val_idx = (list(p) for p in zip(*(data.training_parts(k, config.select_holdout) for k in group)))
@@ -211,6 +217,8 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
     meta = dict(init=config.init, dataset=data.name)
 
     name = f"split {group[0]}" if M == 1 else f"splits {','.join(map(str, group))}"
+    if state is not None:
+        print(f"{run}: resuming {name} at epoch {start + 1} of {config.epochs} (from {path.name})", file=sys.stderr)
     bar = tqdm(range(start + 1, config.epochs + 1), unit="epoch", initial=start, total=config.epochs,
                desc=f"{config.init} {data.name} {name}", disable=not progress, leave=False)
     for epoch in bar:
@@ -246,6 +254,8 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
                      "scheduler": scheduler.state_dict(), "curves": curves, "bests": bests}, path)
         for k in group:
             write_csv(run.curve(k), curves[k])
+        if on_epoch is not None:
+            on_epoch(group, epoch, time.perf_counter() - t0)
         bar.set_postfix(val=" ".join(f"{v:.3f}" for v in vals), best=" ".join(f"{bests[k]['val']:.3f}" for k in group))
         if deadline is not None and time.monotonic() > deadline and epoch < config.epochs:
             bar.close()

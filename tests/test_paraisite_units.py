@@ -137,3 +137,26 @@ def test_paper_scale_is_the_plain_mape_on_the_training_set_and_upstreams_mapping
     assert PaperScale.for_run("rw", mix) is None
     with pytest.raises(ValueError, match="AFLOW labels"):
         PaperScale.for_run("fe+af", train)
+
+
+def test_job_clock_estimates_the_whole_job_from_its_own_pace(tmp_path):
+    import io
+
+    from paraisite.job_clock import JobClock, Stage
+    from paraisite.processes import cpu_processes
+    from paraisite.rundir import RunDir
+
+    aflow, target = RunDir(tmp_path / "aflow"), RunDir(tmp_path / "target")
+    out = io.StringIO()
+    clock = JobClock(out=out)
+    clock.add(Stage("FEAF", aflow, [1, 2], epochs=10, n_train=100))
+    clock.add(Stage("FEAFTG15", target, [1, 2], epochs=10, n_train=10))
+    assert clock.estimate() is None  # nothing timed yet
+    (aflow.path / "split1").mkdir(parents=True)
+    (aflow.path / "split1" / "curve.csv").write_text("epoch,train_loss\n1,0.5\n")
+    clock.epoch_done("FEAF", [1], 1, 5.0)  # 5 s for 100 structure-epochs: 0.05 s each
+    left = (19 * 100 + 20 * 10) * 0.05  # the AFLOW stage's 19 epochs left of 100 structures, then 20 of 10
+    assert clock.estimate() == pytest.approx(left)
+    assert "[FEAF] split 1 (1 of 2), epoch 1 of 10, 5.0 s/epoch; whole job: about 2 min left" in out.getvalue()
+    assert cpu_processes("auto", 9, cores=2) == (2, 1) and cpu_processes("auto", 1, cores=16) == (1, 16)
+    assert cpu_processes("auto", 9, cores=16) == (9, 1) and cpu_processes("3", 9, cores=16) == (3, 5)

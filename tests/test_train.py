@@ -35,7 +35,8 @@ def workdir(tmp_path_factory, shared):
 
 
 def run_train(*args: str) -> int:
-    return train.main([*args, "--no-progress"])
+    """train.py in this process (--processes 1), so that tests can watch and interrupt its loop."""
+    return train.main([*args, "--no-progress", "--processes", "1"])
 
 
 def weights(path: Path) -> dict:
@@ -446,6 +447,42 @@ def test_torchrun_spreads_splits_over_two_processes(workdir):
     rows = list(csv.DictReader(open(workdir / "runs" / "ddp" / "results.csv")))
     assert sorted({r["split"] for r in rows}) == ["1", "2"]
     assert (workdir / "runs" / "ddp" / "summary.md").is_file()
+
+
+def test_auto_cpu_path_prints_the_plan_and_an_estimate(workdir):
+    """Plain train.py on a CPU: one single-thread process per core (at most one per split), the plan up front,
+    progress lines with the whole job's estimate, and the numbers of one process."""
+    from paraisite.processes import cpu_cores
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "OMP_NUM_THREADS")}
+    args = ["--init", "rw", "--dataset", "togo15", "--epochs", "2", "--splits", "2", "--no-progress"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--run-dir", "runs/auto"], cwd=workdir,
+                          env=env | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "plan: 2 RWTG15 model(s) (rw on togo15, 2 epochs each) into runs/auto" in err
+    n = min(cpu_cores(), 2)
+    if n > 1:
+        assert f"{n} processes x {max(1, cpu_cores() // n)} thread(s) share the splits" in err
+    progress = [line for line in err.splitlines() if "whole job: about" in line]
+    assert progress and "[RWTG15] split 1" in progress[0] and "epoch 1 of 2" in progress[0], err
+    with working_folder(workdir, threads=1):
+        assert run_train(*args, "--run-dir", "runs/auto_reference") == 0
+    got, want = (list(csv.DictReader(open(workdir / "runs" / r / "results.csv"))) for r in ("auto", "auto_reference"))
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want):
+        assert float(a["mape"]) == pytest.approx(float(b["mape"]), rel=1e-5)
+
+
+def test_resume_says_where(workdir, capsys):
+    run = workdir / "runs" / "resumed"
+    with working_folder(workdir, threads=1):
+        assert run_train("--init", "rw", "--dataset", "togo15", "--epochs", "3", "--splits", "1,", "--run-dir", str(run),
+                         "--time-limit", "0.00001") == 0
+    assert "stopped before the end" in capsys.readouterr().out
+    with working_folder(workdir, threads=1):
+        assert run_train("--init", "rw", "--dataset", "togo15", "--epochs", "3", "--splits", "1,", "--run-dir", str(run)) == 0
+    assert "resuming split 1 at epoch 2 of 3" in capsys.readouterr().err
 
 
 def test_sequential_run_refuses_a_split_left_by_an_ensemble_run(workdir, capsys):
