@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from megnet_pt.cache import CacheError, GraphCache, default_cache_path, ensure_cache
+from megnet_pt.cache.workers import default_workers
 from megnet_pt.checkpoint import CheckpointError
 from megnet_pt.elements import ELEMENTS
 from paraisite.ensemble import load_ensemble
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "input: a graph cache (.h5, from python -m megnet_pt.cache build), or CIF files/folders, dataset folders,\n"
             "pymatgen JSON or extended XYZ files, which are first cached (--cache, default ./data/<name>_cutoff4.h5).\n\n"
-            "output (--out): CSV, one row per input structure, in input order:\n"
+            "output (--out): CSV, one row per input structure (in input order; those that could not be converted last):\n"
             "  id, formula, ltc_split<k> (W/m/K, one per model), ltc_mean, ltc_std (sample std), ltc_std_over_mean,\n"
             "  ltc_max, ltc_max_x_std_over_mean, n_sites, volume (Å^3), density (g/cm^3), atomic_density (atoms/Å^3),\n"
             "  n_elements, [eform_ev_per_atom], input_<field> (each field the cache carries, e.g. the Materials Project's\n"
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (default: torch's choice; on a busy shared machine 1 is often faster)")
     p.add_argument("--cache", default=None, help="where to cache structure inputs (default: ./data/<name>_cutoff<c>.h5)")
-    p.add_argument("--workers", type=int, default=1, help="processes building the cache from structure files (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes parsing structure files into the cache (default: every core, %(default)s here)")
     p.add_argument("--method", default="fused", choices=("fused", "reference"),
                    help="fused: the models stacked into one pass (fast); reference: each model's own forward (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -20,10 +20,9 @@ one resume-state save per round. A split-epoch is then
 
 printed in wall seconds and, on the CPU, in process CPU seconds (less
 sensitive to other jobs on a shared machine; equal to wall time on an idle
-one when a single thread is used), with the ratios to the original matgl/DGL
-code (about 25 s per AFLOW epoch and 0.4 s per Togo15 epoch on a 2-core
-machine) and the projected time of the whole AFLOW stage (9 splits x 300
-epochs). Medians over rounds; compare ratios, not absolute figures, on a
+one when a single thread is used), and the projected time of the whole AFLOW
+stage (9 splits x 300 epochs). Peers (matgl 4, upstream's matgl 1.2.1 + DGL)
+are timed side by side in one run by ``bench_peers.py``. Medians over rounds; compare ratios, not absolute figures, on a
 shared machine. Saving best.pt (only when validation improves) and writing
 curve.csv are left out of both.
 """
@@ -45,7 +44,6 @@ from paraisite.steps import PlainStep, StackedStep
 from paraisite.training import TrainConfig, epoch_generator, initial_model
 from paraisite.transform import TargetTransform
 
-ORIGINAL = {"togo15": 0.4, "aflow_agl": 25.0}  # s per epoch, matgl/DGL on the 2-core machine
 STAGE_EPOCHS = 300
 
 
@@ -143,13 +141,10 @@ def bench(name: str, device: torch.device, args: argparse.Namespace, tmp: Path) 
         ens = (per_epoch * med("ens", i) / steps + med("ens_val", i) + med("ens_save", i)) / M
         print(f"  {clock:4s} s per split-epoch: sequential {seq:7.3f}, ensemble of {M} {ens:7.3f}; "
               f"ensemble speed-up {seq / ens:4.2f}x")
-        print(f"       speed-up vs the original's {ORIGINAL[name]} s/epoch: sequential {ORIGINAL[name] / seq:5.2f}x, "
-              f"ensemble {ORIGINAL[name] / ens:5.2f}x")
         graph = None
         if graphed:
             graph = (per_epoch * med("graph", i) / steps + med("ens_val", i) + med("ens_save", i)) / M
-            print(f"       CUDA graph ensemble of {M} {graph:7.3f}; speed-up {ens / graph:4.2f}x over the eager "
-                  f"ensemble, {ORIGINAL[name] / graph:5.1f}x the original")
+            print(f"       CUDA graph ensemble of {M} {graph:7.3f}; speed-up {ens / graph:4.2f}x over the eager ensemble")
         if name == "aflow_agl":
             stage = 9 * STAGE_EPOCHS
             print(f"       whole AFLOW stage (9 splits x {STAGE_EPOCHS} epochs): "

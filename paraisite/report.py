@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-METRICS = ("mape", "mae", "rmse", "r2", "mape_paper_scale")  # the last: paraisite/paper_scale.py
-METRIC_TITLES = {"mape": "MAPE", "r2": "R²", "mae": "MAE", "rmse": "RMSE", "mape_paper_scale": "MAPE, paper's scale"}
+METRICS = ("mape", "mae", "rmse", "r2", "mape_paper_scale", "sre", "log10_mae", "spearman")  # paper_scale.py; metrics.py
+METRIC_TITLES = {"mape": "MAPE", "r2": "R²", "mae": "MAE", "rmse": "RMSE", "mape_paper_scale": "MAPE, paper's scale",
+                 "sre": "SRE", "log10_mae": "MAE of log10", "spearman": "Spearman"}
 COLUMN_NAMES = {"togo15": "Togo15", "miyazaki21": "Miyazaki2021", "mix": "MIX", "aflow_agl": "AFLOW"}
 _INIT_PREFIX = {"rw": "RW", "fe": "FE", "fe+af": "FEAF", "rw+af": "RWAF"}
 _DATASET_SUFFIX = {"togo15": "TG15", "miyazaki21": "MZ21", "mix": "MIX", "aflow_agl": "AF"}
@@ -117,7 +118,8 @@ def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardwa
     ]
     if hardware:
         lines += [hardware, ""]
-    for metric, digits in (("mape", 3), ("mape_paper_scale", 3), ("r2", 3), ("mae", 2), ("rmse", 2)):
+    for metric, digits in (("mape", 3), ("mape_paper_scale", 3), ("sre", 3), ("log10_mae", 3), ("spearman", 3),
+                           ("r2", 3), ("mae", 2), ("rmse", 2)):
         if not any(key[2] == metric for key in stats):
             continue
         if metric == "mape_paper_scale":
@@ -125,6 +127,10 @@ def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardwa
                       "The same predictions scored as upstream scored them: labels and predictions standardised with "
                       "their own dataset's scaler and turned back with the training module's (AFLOW's for +af models); "
                       "see paraisite/paper_scale.py. This is the scale of the paper's MAPE, not an error in W/m/K.", ""]
+        elif metric in ("sre", "log10_mae", "spearman"):
+            lines += [{"sre": "## SRE (symmetric relative error, 2|p - y| / (|p| + |y|), Matbench Discovery's)",
+                       "log10_mae": "## MAE of log10 (predictions floored at 1e-3 W/m/K)",
+                       "spearman": "## Spearman rank correlation"}[metric], ""]
         else:
             lines += [f"## {metric.upper() if metric != 'r2' else 'R^2'}", ""]
         lines += ["| selection | " + " | ".join(COLUMN_NAMES.get(t, t) for t in tests) + " |",

@@ -35,7 +35,7 @@ from paraisite.report import (  # noqa: E402
 )
 from paraisite.rundir import RunDir, config_differences  # noqa: E402
 
-METRIC_DIGITS = {"mape": 2, "mape_paper_scale": 2, "r2": 2, "mae": 2, "rmse": 2}
+METRIC_DIGITS = {"mape": 2, "mape_paper_scale": 2, "r2": 2, "mae": 2, "rmse": 2, "sre": 2, "log10_mae": 2, "spearman": 2}
 
 
 def load_run(folder: Path) -> dict | None:
@@ -87,8 +87,8 @@ def run_table(run: dict) -> list[str]:
     tests = [t for t in COLUMN_NAMES if any(r["test_dataset"] == t for r in run["results"])]
     cfg = run["config"]
     lines = []
-    for metric in ("mape", "mape_paper_scale", "r2", "mae", "rmse"):
-        if not any(key[2] == metric for key in stats):  # runs evaluated before paper_scale.py have no such column
+    for metric in ("mape", "mape_paper_scale", "sre", "log10_mae", "spearman", "r2", "mae", "rmse"):
+        if not any(key[2] == metric for key in stats):  # runs evaluated before paper_scale.py / these metrics lack them
             continue
         title = METRIC_TITLES[metric]
         for selection in ("best", "final"):
@@ -240,6 +240,45 @@ def scan_section(csv_path: Path, dest: Path) -> list[str]:
     return summary + [""]
 
 
+PAIRED = [("rw_togo15", "fe_togo15", "RWTG15 vs FETG15: random vs published weights, trained on Togo15"),
+          ("rw_aflow_agl", "fe_aflow_agl", "RWAF vs FEAF: random vs published weights, the AFLOW stage"),
+          ("rw+af_togo15", "fe+af_togo15", "RWAFTG15 vs FEAFTG15: RWAF vs FEAF as the start of the Togo15 stage")]
+
+
+def paired_tables(found: dict[str, dict]) -> list[str]:
+    """What the published weights buy, split by split: the difference of each metric, on the splits both runs have."""
+    from scipy import stats
+
+    lines = ["## What the published weights buy, split by split", "",
+             "Each pair trained on the same nine splits; the difference is FE minus RW per split (negative MAPE, MAE, "
+             "RMSE: FE better; positive R²: FE better), its mean (sample std) over splits, how many splits FE wins, and the "
+             "two-sided p of Wilcoxon's signed-rank test on the nine differences (`scipy.stats.wilcoxon`). `final` "
+             "(the last epoch) is the honest selection; `best` is chosen on the validation part it is scored on.", ""]
+    for rw_name, fe_name, title in PAIRED:
+        if rw_name not in found or fe_name not in found:
+            continue
+        rw, fe = found[rw_name], found[fe_name]
+        own = Path(fe["config"]["dataset"]).name
+        lines += [f"### {title} (`{rw_name}` vs `{fe_name}`, on {own})", "",
+                  "| selection | metric | RW mean (std) | FE mean (std) | FE - RW, mean (std) | FE better on | Wilcoxon p |",
+                  "|---|---|---|---|---|---|---|"]
+        for selection in ("final", "best"):
+            for metric, lower_better in (("mape", True), ("mae", True), ("rmse", True), ("r2", False)):
+                a, b = ({int(r["split"]): float(r[metric]) for r in run["results"]
+                         if r["test_dataset"] == own and r["selection"] == selection} for run in (rw, fe))
+                splits = sorted(set(a) & set(b))
+                x, y = np.array([a[k] for k in splits]), np.array([b[k] for k in splits])
+                d = y - x
+                wins = int(((d < 0) if lower_better else (d > 0)).sum())
+                p = stats.wilcoxon(y, x).pvalue if len(splits) >= 5 and np.any(d != 0) else float("nan")
+                digits = METRIC_DIGITS.get(metric, 2)
+                lines.append(f"| {selection} | {METRIC_TITLES.get(metric, metric)} | {x.mean():.{digits}f} ({x.std(ddof=1):.{digits}f}) "
+                             f"| {y.mean():.{digits}f} ({y.std(ddof=1):.{digits}f}) | {d.mean():+.{digits}f} ({d.std(ddof=1):.{digits}f}) "
+                             f"| {wins} of {len(splits)} | {p:.3f} |")
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", default=["runs"], help="folders holding run folders (train.py's runs/, or "
@@ -281,6 +320,7 @@ def main() -> None:
         (dest / "config.json").write_text(json.dumps(run["config"], indent=2) + "\n")
         write_csv(dest / "curves.csv", [{"split": k, **r} for k, c in run["curves"].items() for r in c])
     lines += same_splits_tables(runs)
+    lines += paired_tables(found)
     steps = [r for r in runs if r["name"] in ("RWTG15", "FETG15", "FEAFTG15")]
     if steps:
         plot_steps(steps, data_dir / "fig6_validation_curves.png")

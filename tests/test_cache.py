@@ -202,7 +202,7 @@ def test_resume_after_an_exception(shared: Path, built: dict[str, Path], tmp_pat
 
     monkeypatch.setattr(cache_workers, "_convert", flaky)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(inputs, out, commit_every=50, progress=False)
+        build_cache(inputs, out, commit_every=50, progress=False, workers=1)
     assert not out.exists() and read_progress(out)["inputs"] == 119
     with pytest.raises(CacheError, match="re-run the build to resume"):
         GraphCache(out)
@@ -255,7 +255,7 @@ def test_a_partial_file_of_another_build_is_not_resumed(shared: Path, tmp_path: 
 
     monkeypatch.setattr(cache_workers, "_convert", boom)
     with pytest.raises(KeyboardInterrupt):
-        build_cache([shared / "data" / "togo15"], out, cutoff=5.0, progress=False)
+        build_cache([shared / "data" / "togo15"], out, cutoff=5.0, progress=False, workers=1)
     monkeypatch.undo()
     with pytest.warns(UserWarning, match="another cutoff; starting over"):
         report = build_cache([shared / "data" / "togo15"], out, cutoff=4.0, progress=False)

@@ -160,3 +160,42 @@ def test_job_clock_estimates_the_whole_job_from_its_own_pace(tmp_path):
     assert "[FEAF] split 1 (1 of 2), epoch 1 of 10, 5.0 s/epoch; whole job: about 2 min left" in out.getvalue()
     assert cpu_processes("auto", 9, cores=2) == (2, 1) and cpu_processes("auto", 1, cores=16) == (1, 16)
     assert cpu_processes("auto", 9, cores=16) == (9, 1) and cpu_processes("3", 9, cores=16) == (3, 5)
+
+
+def loaded_published_tensors(model) -> tuple[int, int]:
+    """(published tensors found, by value, among the model's MEGNet tensors; published tensors in all)."""
+    import os
+
+    published = torch.load(os.path.join(os.environ["PARAISITE_HOME"], "weights", "MEGNet-MP-2018.6.1-Eform", "state.pt"),
+                           map_location="cpu", weights_only=True)
+    ours = list(model.megnet.state_dict().values())
+    found = sum(any(t.shape == p.shape and torch.equal(t.float(), p.float()) for t in ours) for p in published.values())
+    return found, len(published)
+
+
+def test_init_fe_loads_every_published_tensor(shared, tmp_path):
+    """Upstream's load_state_dict(strict=False) with prefixed keys loaded nothing (docs/results.md); --init fe must
+    start from every one of the 106 published tensors, and a random start must fail the same check."""
+    from conftest import working_folder
+    from paraisite.training import TrainConfig, initial_model
+
+    with working_folder(tmp_path):
+        found, total = loaded_published_tensors(initial_model(TrainConfig(init="fe"), 1))
+        assert total == 106 and found == total
+        found_rw, _ = loaded_published_tensors(initial_model(TrainConfig(init="rw"), 1))
+    assert found_rw < total // 2  # the check can fail: a random MEGNet matches only constants (e.g. the RBF centres)
+
+
+def test_sre_log_mae_and_spearman_by_hand():
+    from paraisite.metrics import regression_metrics
+
+    t = np.array([1.0, 10.0, 100.0, 4.0])
+    p = np.array([3.0, 10.0, 50.0, -1.0])  # the last as a collapsed model predicts it
+    m = regression_metrics(t, p)
+    # SRE: 2*2/4, 0, 2*50/150, 2*5/5
+    assert m["sre"] == pytest.approx((1.0 + 0 + 2 / 3 + 2.0) / 4)
+    # log10 MAE: |log 3|, 0, |log 0.5|, |log 1e-3 - log 4|
+    assert m["log10_mae"] == pytest.approx((math.log10(3) + 0 + math.log10(2) + (3 + math.log10(4))) / 4)
+    # ranks of t: 1 3 4 2; of p: 2 3 4 1 -> d = -1 0 0 1, sum d^2 = 2, rho = 1 - 6*2/(4*15)
+    assert m["spearman"] == pytest.approx(1 - 6 * 2 / (4 * 15))
+    assert math.isnan(regression_metrics(t, np.ones(4))["spearman"])

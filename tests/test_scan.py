@@ -347,3 +347,30 @@ def test_correlations_with_the_inputs_own_fields(run_dir, shared, workdir):
             assert float(c["p_value"]) == pytest.approx(expected.pvalue, rel=1e-5)
     md = out.with_name("ltc.summary.md").read_text()
     assert "is_stable (field of the input)" in md and "formula_pretty" not in md
+
+
+def test_rows_stay_on_their_materials_when_structures_in_the_middle_fail(run_dir, shared, workdir):
+    """Upstream's scan_mdp.py joins predictions to rows by position after skipping empty structures, which shifts
+    every later row (docs/results.md); here each row keeps its own material's prediction."""
+    files = sorted((shared / "data" / "togo15" / "cif").glob("*.cif"))[:10]
+    records = [{"material_id": f.stem, "structure": Structure.from_file(f).as_dict()} for f in files]
+    for k in (2, 5):
+        records[k]["structure"] = None  # empty, in the middle
+    folder = workdir / "aligned"
+    folder.mkdir()
+    (folder / "with_gaps.json").write_text(json.dumps(records))
+    (folder / "good.json").write_text(json.dumps([r for r in records if r["structure"] is not None]))
+    outs = {}
+    for name in ("with_gaps", "good"):
+        outs[name] = folder / f"{name}_ltc.csv"
+        assert run_scan_cli(folder / f"{name}.json", "--models", run_dir, "--out", outs[name],
+                            "--cache", folder / f"{name}.h5") == 0
+    rows = read(outs["with_gaps"])
+    alone = {r["id"]: r for r in read(outs["good"])}
+    assert [r["id"] for r in rows] == [f.stem for f in files if f.stem in alone] + [files[2].stem, files[5].stem]
+    for r in rows:
+        if r["id"] in (files[2].stem, files[5].stem):
+            assert r["warning"].startswith("error:") and "no structure" in r["warning"] and r["ltc_mean"] == ""
+        else:
+            assert r["formula"] == alone[r["id"]]["formula"]
+            assert [r[f"ltc_split{k}"] for k in range(1, 10)] == [alone[r["id"]][f"ltc_split{k}"] for k in range(1, 10)]

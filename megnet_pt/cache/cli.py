@@ -14,6 +14,7 @@ from ..materials_project import PAPER_FIELDS, MaterialsProjectError, download
 from ..predict import positive_int
 from .format import COMMIT_EVERY, CacheError, _open_partial, _partial_path
 from .reader import GraphCache
+from .workers import default_workers
 from .writer import build_cache, check_output
 
 
@@ -107,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("inputs", nargs="*", type=Path, help="structure files or folders (none with --from-mp alone)")
     b.add_argument("-o", "--out", type=Path, required=True, help="the cache file to write (e.g. graphs.h5)")
     b.add_argument("--cutoff", type=float, default=DEFAULT_CUTOFF, help="neighbour cutoff in Å (default %(default)s)")
-    b.add_argument("--workers", type=positive_int, default=1, help="processes building graphs (default %(default)s)")
+    b.add_argument("--workers", type=positive_int, default=default_workers(),
+                   help="processes parsing structures and building graphs (default: every core, %(default)s here)")
     b.add_argument("--commit-every", type=positive_int, default=COMMIT_EVERY,
                    help="inputs per flushed chunk; an interrupted build loses at most this many (default %(default)s)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import warnings
 from functools import partial
@@ -37,6 +38,18 @@ def _convert(entry: StructureEntry, cutoff: float) -> tuple[str, dict[str, Any] 
     except Exception as exc:  # any failure of one structure is reported, not raised
         text = str(exc).strip()
         return entry.id, None, (text.splitlines()[0] if text else type(exc).__name__)
+
+
+def default_workers() -> int:
+    """Processes for parsing and graph building by default: every core this process may use.
+
+    Parsing CIFs with pymatgen (about 100-400 structures/s a core) is what
+    bounds a build; graph building from parsed structures is several times faster.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _init_worker() -> None:

@@ -41,7 +41,7 @@ from .format import (
     _open_for_append, _open_partial, _partial_path, _strings, _strings_sha256,
 )
 from .reader import GraphCache
-from .workers import converter
+from .workers import converter, default_workers
 
 
 @dataclass
@@ -53,12 +53,15 @@ class BuildReport:
     failures: list[tuple[str, str]]  # (id, reason) of inputs that could not be converted
     resumed: int = 0  # inputs already done by an interrupted build
     seconds: float = 0.0
+    workers: int = 1
 
     def __str__(self) -> str:
+        done = self.structures + len(self.failures) - self.resumed
+        rate = f", {done / self.seconds:.0f} structures/s" if self.seconds > 0 and done > 0 else ""
         lines = [
             f"{self.path}: {self.structures} structures, {len(self.failures)} failed"
             + (f", resumed after {self.resumed} inputs" if self.resumed else "")
-            + f", {self.seconds:.1f} s"
+            + f", {self.seconds:.1f} s{rate} ({self.workers} process{'es' if self.workers > 1 else ''} parsing)"
         ]
         lines += [f"  failed {i}: {reason}" for i, reason in self.failures[:20]]
         if len(self.failures) > 20:
@@ -71,7 +74,7 @@ def build_cache(
     inputs: Iterable[str | Path] | str | Path,
     out: str | Path,
     cutoff: float = DEFAULT_CUTOFF,
-    workers: int = 1,
+    workers: int | None = None,
     commit_every: int = COMMIT_EVERY,
     progress: bool = True,
     fields: Sequence[str] | None = None,
@@ -81,7 +84,8 @@ def build_cache(
     ``inputs`` are anything ``megnet_pt.structures.iter_structures`` reads (CIF
     files or folders, ``labels.csv`` dataset folders, pymatgen JSON, extended
     XYZ). Structures that fail to convert are recorded with the reason and the
-    build goes on. The file is written as ``<out>.partial`` and renamed when
+    build goes on. ``workers`` processes parse and convert (default: every
+    core). The file is written as ``<out>.partial`` and renamed when
     complete; if a ``.partial`` of the same build exists (same inputs, cutoff
     and vocabulary), the build resumes after its last flushed chunk. The
     inputs' numeric and boolean fields are stored as labels (``fields``: only
@@ -92,7 +96,7 @@ def build_cache(
     out = Path(out)
     check_output(out, cutoff)
     with _build_lock(out):
-        return _build(inputs, out, cutoff, workers, commit_every, progress, fields)
+        return _build(inputs, out, cutoff, workers or default_workers(), commit_every, progress, fields)
 
 
 def check_output(out: Path, cutoff: float) -> None:
@@ -149,7 +153,8 @@ def _build(
             raise
     bar.close()
     n = _finalize(partial_path, out)
-    return BuildReport(out, n, failures, resumed=len(listed.entries) - len(todo), seconds=time.perf_counter() - start_time)
+    return BuildReport(out, n, failures, resumed=len(listed.entries) - len(todo), seconds=time.perf_counter() - start_time,
+                       workers=workers)
 
 
 def ensure_cache(
@@ -157,7 +162,7 @@ def ensure_cache(
     out: str | Path | None = None,
     cutoff: float = DEFAULT_CUTOFF,
     vocabulary: Sequence[str] | None = ELEMENTS,
-    workers: int = 1,
+    workers: int | None = None,
     rebuild: bool = False,
     progress: bool = True,
 ) -> GraphCache:
@@ -190,8 +195,8 @@ def ensure_cache(
     with _build_lock(out):
         if out.exists() and not rebuild:  # another process built it while we waited
             return reuse()
-        report = _build(inputs, out, cutoff, workers, COMMIT_EVERY, progress)
-    if report.failures and progress:
+        report = _build(inputs, out, cutoff, workers or default_workers(), COMMIT_EVERY, progress)
+    if progress:
         print(report, file=sys.stderr)
     return GraphCache(out, cutoff=cutoff, vocabulary=vocabulary)
 
