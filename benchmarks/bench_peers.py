@@ -1,6 +1,6 @@
 """Benchmark: this project's MEGNet against its peers, side by side on one machine, in one run, one thread each.
 
-    python benchmarks/bench_peers.py [--matgl4 PYTHON] [--upstream PYTHON] [--rounds 3] [--train-epoch]
+    python benchmarks/bench_peers.py [--matgl4 PYTHON] [--upstream PYTHON] [--before DIR] [--rounds 3] [--train-epoch]
 
 Each peer runs ``benchmarks/peer_worker.py`` in its own virtual environment,
 named by the interpreter of that environment (or $MATGL4_PYTHON, $UPSTREAM_PYTHON):
@@ -10,12 +10,14 @@ named by the interpreter of that environment (or $MATGL4_PYTHON, $UPSTREAM_PYTHO
     upstream  upstream ParAIsite's stack, matgl 1.2.1 + DGL 2.1 on torch 2.2 (about 5 GB):
               python -m venv upstream && upstream/bin/pip install torch==2.2.0 dgl==2.1.0 matgl==1.2.1 "numpy<2" "pymatgen<2025"
 
-A peer not given is left out; the project needs neither. Every round runs
+A peer not given is left out; the project needs neither. ``--before DIR``
+adds this project at another commit (a ``git worktree`` folder), for a
+before/after in the same run. Every round runs
 each implementation in turn (ours, then the peers) on the same AFLOW
 structures and batches: graph building from parsed structures, batched
 inference, and the training step at batch 8 (``peer_worker.py`` says what
 each does). Medians over rounds are printed with the ratios ours / peer
-(above 1: ours is faster). A split-epoch is projected as steps x step time
+taken round by round (above 1: ours is faster; median and range). A split-epoch is projected as steps x step time
 (2615 training structures, 327 steps); ``--train-epoch`` also times a real
 ``train.py`` AFLOW epoch of ours (validation and saving included).
 """
@@ -53,16 +55,16 @@ def work_file(tmp: Path, n: int, steps: int, warmup: int) -> tuple[Path, int]:
     rng = np.random.default_rng(0)
     batches = [rng.choice(n, BATCH, replace=False).tolist() for _ in range(warmup + steps)]
     work = {"cifs": [str(folder / "cif" / f"{ids[i]}.cif") for i in order], "labels": [float(ltc[i]) for i in order],
-            "n_graphs": min(600, n), "n_infer": n, "batches": batches, "warmup": warmup}
+            "n_graphs": n, "n_infer": n, "batches": batches, "warmup": warmup}
     path = tmp / "work.json"
     path.write_text(json.dumps(work))
     return path, -(-len(train) // BATCH)
 
 
-def run_worker(python: str, impl: str, work: Path) -> dict:
+def run_worker(python: str, impl: str, work: Path, tree: Path = ROOT) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if impl == "ours":
-        env["PYTHONPATH"] = str(ROOT)
+        env["PYTHONPATH"] = str(tree)
     proc = subprocess.run([python, str(ROOT / "benchmarks" / "peer_worker.py"), impl, str(work)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -85,20 +87,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--matgl4", default=os.environ.get("MATGL4_PYTHON"), help="python of a venv with matgl 4 (PyG)")
     p.add_argument("--upstream", default=os.environ.get("UPSTREAM_PYTHON"), help="python of a venv with matgl 1.2.1 + DGL")
+    p.add_argument("--before", type=Path, default=None, help="this project at another commit (a worktree), timed too")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--structures", type=int, default=1024, help="AFLOW structures in the work (default %(default)s)")
     p.add_argument("--steps", type=int, default=60, help="timed training steps per round (default %(default)s)")
     p.add_argument("--train-epoch", action="store_true", help="also time a real train.py AFLOW epoch of ours")
     args = p.parse_args()
-    impls = [("ours", sys.executable, "ours")] + [(label, py, "matgl") for label, py in
-                                                   (("matgl4", args.matgl4), ("upstream", args.upstream)) if py]
+    impls = [("ours", sys.executable, "ours", ROOT)]
+    if args.before:
+        impls.append(("before", sys.executable, "ours", args.before.resolve()))
+    impls += [(label, py, "matgl", ROOT) for label, py in (("matgl4", args.matgl4), ("upstream", args.upstream)) if py]
     with tempfile.TemporaryDirectory() as tmp:
         work, steps_per_epoch = work_file(Path(tmp), args.structures, args.steps, warmup=10)
-        results: dict[str, list[dict]] = {label: [] for label, _, _ in impls}
+        results: dict[str, list[dict]] = {label: [] for label, _, _, _ in impls}
         epochs = []
         for r in range(args.rounds):
-            for label, python, impl in impls:
-                results[label].append(run_worker(python, impl, work))
+            for label, python, impl, tree in impls:
+                results[label].append(run_worker(python, impl, work, tree))
                 print(f"round {r + 1}: {label}: {results[label][-1]}", file=sys.stderr)
             if args.train_epoch:
                 epochs.append(train_epoch_seconds(Path(tmp)))
@@ -110,11 +115,14 @@ def main() -> None:
     print("| implementation | graphs from structures (structures/s) | inference, batch 256 (structures/s) "
           "| training step (ms) | AFLOW split-epoch, projected (s) | ours faster by (graphs / inference / step) |")
     print("|---|---|---|---|---|---|")
-    for label, _, _ in impls:
-        m, name = median[label], results[label][0]["name"]
-        ratios = ("" if label == "ours" else
-                  f"{ours['graphs_per_s'] / m['graphs_per_s']:.2f}x / {ours['infer_per_s'] / m['infer_per_s']:.2f}x / "
-                  f"{m['step_ms'] / ours['step_ms']:.2f}x")
+    def paired(label: str, key: str) -> str:
+        """ours / peer round by round (the rounds ran back to back), median and range: steadier than the medians' ratio."""
+        r = [(a[key] / b[key]) if key != "step_ms" else (b[key] / a[key]) for a, b in zip(results["ours"], results[label])]
+        return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+
+    for label, _, _, tree in impls:
+        m, name = median[label], results[label][0]["name"] + (f" at {tree}" if label == "before" else "")
+        ratios = "" if label == "ours" else " / ".join(paired(label, k) for k in ("graphs_per_s", "infer_per_s", "step_ms"))
         print(f"| {name} | {m['graphs_per_s']:.0f} | {m['infer_per_s']:.0f} | {m['step_ms']:.1f} | "
               f"{steps_per_epoch * m['step_ms'] / 1000:.1f} | {ratios} |")
     if epochs:

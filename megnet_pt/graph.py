@@ -60,13 +60,15 @@ def element_indices(structure: Structure, id: str | None = None) -> np.ndarray:
     name = id or structure.formula
     if len(structure) == 0:
         raise StructureError(f"{name}: the structure has no sites")
-    if not structure.is_ordered:
+    try:
+        species = structure.species  # one pass over the sites; pymatgen raises for a site that is not ordered
+    except AttributeError:
         bad = next(i for i, site in enumerate(structure) if not site.is_ordered)
         raise StructureError(
             f"{name}: site {bad} has partial occupancy ({structure[bad].species}); "
             "disordered structures are not supported: order them first (e.g. pymatgen's OrderDisorderedStructureTransformation)"
-        )
-    z = np.array([getattr(site.specie, "Z", 0) for site in structure], dtype=np.int64)
+        ) from None
+    z = np.array([getattr(sp, "Z", 0) for sp in species], dtype=np.int64)
     index = np.array([Z_TO_INDEX[v] if 0 < v < len(Z_TO_INDEX) else -1 for v in z], dtype=np.int64)
     if (index < 0).any():
         missing = sorted({str(structure[i].specie) for i in np.flatnonzero(index < 0)})
@@ -113,25 +115,28 @@ def structure_to_graph(structure: Any, cutoff: float = DEFAULT_CUTOFF, id: str |
     """Build the MEGNet graph of one crystal (see the module docstring)."""
     check_cutoff(cutoff)
     structure = as_structure(structure, id)
-    node_type = element_indices(structure, id)
+    formula = structure.composition.reduced_formula  # pymatgen rebuilds the composition on every access: once
+    name = id or formula
+    node_type = element_indices(structure, name)
     lattice = structure.lattice.matrix
     if abs(np.linalg.det(lattice)) < 1e-6:
-        raise StructureError(f"{id or structure.formula}: the lattice has zero volume")
+        raise StructureError(f"{name}: the lattice has zero volume")
+    cart_coords = structure.cart_coords
     try:
-        src, dst, images, dist = neighbor_list(structure.cart_coords, lattice, cutoff)
+        src, dst, images, dist = neighbor_list(cart_coords, lattice, cutoff)
     except StructureError as exc:
-        raise StructureError(f"{id or structure.formula}: {exc}") from None
+        raise StructureError(f"{name}: {exc}") from None
     return Data(
         node_type=torch.from_numpy(node_type),
         edge_index=torch.from_numpy(np.stack([src, dst])),
         edge_dist=torch.from_numpy(dist.astype(np.float32)),
         edge_image=torch.from_numpy(np.asarray(images, dtype=np.float32).reshape(-1, 3)),
-        pos=torch.from_numpy(structure.cart_coords.astype(np.float32)),
+        pos=torch.from_numpy(cart_coords.astype(np.float32)),
         lattice=torch.from_numpy(lattice.astype(np.float32)).unsqueeze(0),
         state=torch.zeros(1, 2),
         num_nodes=len(structure),
-        id=id if id is not None else structure.composition.reduced_formula,
-        formula=structure.composition.reduced_formula,
+        id=id if id is not None else formula,
+        formula=formula,
     )
 
 

@@ -1,6 +1,6 @@
 """Run one small protocol on two commits and compare what they write (a redesign must change no result).
 
-    python scripts/check_equivalence.py BEFORE AFTER [--workdir /tmp/equivalence] [--rtol 1e-5]
+    python scripts/check_equivalence.py BEFORE AFTER [--workdir /tmp/equivalence] [--rtol 1e-5] [--allow-added-columns]
 
 Each commit is checked out into ``<workdir>/<commit>`` (``git worktree``) and runs, on the CPU with one
 thread (the two commits run side by side):
@@ -76,7 +76,8 @@ def close(a: str, b: str, rtol: float) -> bool:
     return abs(x - y) <= rtol * max(abs(x), abs(y)) + 1e-12
 
 
-def compare(before: Path, after: Path, rtol: float) -> list[str]:
+def compare(before: Path, after: Path, rtol: float, allow_added: bool = False) -> list[str]:
+    """Problems found; with ``allow_added``, columns only AFTER writes (new metrics) are listed, not counted."""
     problems = []
     files_a, files_b = outputs(before), outputs(after)
     if files_a != files_b:
@@ -88,9 +89,12 @@ def compare(before: Path, after: Path, rtol: float) -> list[str]:
             continue
         worst = 0.0
         for i, (ra, rb) in enumerate(zip(rows_a, rows_b)):
-            if set(ra) - IGNORED_COLUMNS != set(rb) - IGNORED_COLUMNS:
+            added = set(rb) - set(ra)
+            if set(ra) - IGNORED_COLUMNS != set(rb) - IGNORED_COLUMNS and not (allow_added and set(ra) <= set(rb)):
                 problems.append(f"{rel}: columns differ ({sorted(set(ra) ^ set(rb))})")
                 break
+            if added and i == 0:
+                print(f"  {rel}: columns added after: {', '.join(sorted(added))}")
             for key in set(ra) - IGNORED_COLUMNS:
                 if not close(ra[key], rb[key], rtol):
                     problems.append(f"{rel} row {i + 2} {key}: {ra[key]!r} before, {rb[key]!r} after")
@@ -110,6 +114,8 @@ def main() -> int:
     parser.add_argument("after")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/equivalence"))
     parser.add_argument("--rtol", type=float, default=1e-5)
+    parser.add_argument("--allow-added-columns", action="store_true",
+                        help="AFTER may write more columns (e.g. new metrics); the columns both write are compared")
     args = parser.parse_args()
     home = os.path.abspath(os.environ.get("PARAISITE_HOME", ROOT.parent / "shared"))
     commits = [subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", c], check=True, capture_output=True,
@@ -121,7 +127,7 @@ def main() -> int:
             print(f"{commit}: the protocol failed; see {args.workdir / commit / 'protocol.log'}", file=sys.stderr)
             return 2
     print(f"{commits[0]} against {commits[1]}:")
-    problems = compare(args.workdir / commits[0], args.workdir / commits[1], args.rtol)
+    problems = compare(args.workdir / commits[0], args.workdir / commits[1], args.rtol, args.allow_added_columns)
     for p in problems[:50]:
         print("DIFFERENT:", p)
     print("same results" if not problems else f"{len(problems)} difference(s)")
