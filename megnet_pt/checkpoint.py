@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,14 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary name, then rename: a kill never leaves half a file under ``path``."""
+    """``torch.save`` to a temporary name, then rename: a kill never leaves half a file under ``path``.
+
+    The temporary name is this process's (and thread's) own, so that two processes saving the same file (the ranks of a
+    job converting the published weights on first use) do not take each other's file away.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
     return path

@@ -236,3 +236,27 @@ def test_set2set_matches_pyg_and_vectorises_over_an_ensemble():
     out = vmap(lambda p, b: functional_call(base, (p, b), (batch,)).prediction)(params, buffers)
     with torch.no_grad():
         torch.testing.assert_close(out, torch.stack([m(batch).prediction for m in models]), atol=1e-5, rtol=1e-5)
+
+
+def test_concurrent_saves_of_one_file_all_succeed(tmp_path):
+    """Two ranks converting the published weights on first use save the same file at once; neither may fail."""
+    import threading
+
+    from megnet_pt.checkpoint import atomic_save
+
+    target, errors = tmp_path / "weights" / "same.pt", []
+
+    def save(k: int) -> None:
+        try:
+            for _ in range(20):
+                atomic_save({"k": k, "x": torch.zeros(1000)}, target)
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and torch.load(target, weights_only=True)["k"] in range(4)
+    assert not list(target.parent.glob("*.tmp"))
