@@ -109,7 +109,6 @@ def main() -> None:
                 epochs.append(train_epoch_seconds(Path(tmp)))
     median = {label: {k: statistics.median(x[k] for x in rows) for k in ("graphs_per_s", "infer_per_s", "step_ms")}
               for label, rows in results.items()}
-    ours = median["ours"]
     print(f"\nOne thread each, {args.rounds} rounds (medians), batch {BATCH}, {args.structures} AFLOW structures; "
           f"split-epoch = {steps_per_epoch} steps x step\n")
     print("| implementation | graphs from structures (structures/s) | inference, batch 256 (structures/s) "

@@ -157,7 +157,7 @@ def _pretend_done(cache, ensemble, out: Path, keep: int) -> None:
     from paraisite.screening import columns
 
     paths = ScanPaths(out)
-    header = columns(ensemble.info.splits, False)
+    header = columns(ensemble.info.splits, False, cache.label_names if cache.labels is not None else [])
     paths.parts.mkdir(parents=True, exist_ok=True)
     paths.running_meta.write_text(json.dumps(scan_meta(ensemble, cache, header)))
     filler = [""] * (len(header) - 1)
@@ -166,7 +166,7 @@ def _pretend_done(cache, ensemble, out: Path, keep: int) -> None:
 
 
 def one_at_a_time(cache_path: Path, run: Path, n: int, threads: int | None) -> dict:
-    """Each model's own forward on single structures (the original tool's pattern, graphs prebuilt)."""
+    """Each model's own forward on single structures (upstream's scan pattern, graphs prebuilt)."""
     import torch
 
     from megnet_pt.cache import GraphCache

@@ -149,8 +149,7 @@ def bench(name: str, device: torch.device, args: argparse.Namespace, tmp: Path) 
             stage = 9 * STAGE_EPOCHS
             print(f"       whole AFLOW stage (9 splits x {STAGE_EPOCHS} epochs): "
                   f"sequential {seq * stage / 3600:5.2f} h, ensemble {ens * stage / 3600:5.2f} h "
-                  f"({ens * stage / 60:.0f} min)" + (f", CUDA graph {graph * stage / 60:.1f} min" if graph else "")
-                  + f"; original {ORIGINAL[name] * stage / 3600:.1f} h")
+                  f"({ens * stage / 60:.0f} min)" + (f", CUDA graph {graph * stage / 60:.1f} min" if graph else ""))
     step_ms = {k: 1e3 * med(k, 0) for k in ("seq", "ens") + (("graph",) if graphed else ())}
     print(f"  per step (wall): sequential {step_ms['seq'] / (M * steps):.1f} ms per split, "
           f"ensemble {step_ms['ens'] / steps:.1f} ms for {M} splits"
