@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from megnet_pt.cache import CacheError, GraphCache, default_cache_path, ensure_cache
-from megnet_pt.cache.workers import default_workers
+from megnet_pt.cache.workers import cpu_cores
 from megnet_pt.checkpoint import CheckpointError
 from megnet_pt.elements import ELEMENTS
 from paraisite.ensemble import load_ensemble
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (default: torch's choice; on a busy shared machine 1 is often faster)")
     p.add_argument("--cache", default=None, help="where to cache structure inputs (default: ./data/<name>_cutoff<c>.h5)")
-    p.add_argument("--workers", type=int, default=default_workers(),
+    p.add_argument("--workers", type=int, default=cpu_cores(),
                    help="processes parsing structure files into the cache (default: every core, %(default)s here)")
     p.add_argument("--method", default="fused", choices=("fused", "reference"),
                    help="fused: the models stacked into one pass (fast); reference: each model's own forward (default: %(default)s)")

@@ -112,6 +112,12 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def use_base_url(value: str | os.PathLike | None, env_var: str = BASE_URL_ENV) -> None:
+    """An entry point's ``--base-url``: the mirror for everything this process downloads (sets ``env_var``)."""
+    if value:
+        os.environ[env_var] = resolve_base_url(value, env_var) or os.fspath(value)
+
+
 def default_advice() -> str:
     """What megnet_pt's own users can do when a download fails."""
     return (f"pass --base-url (python -m megnet_pt.predict takes it) or set ${BASE_URL_ENV} to a mirror laid out as "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import types
 import typing
 import warnings
 from collections.abc import Sequence
@@ -94,7 +95,7 @@ def parse_query(text: Sequence[str] | str) -> dict[str, Any]:
 
 
 def _value(name: str, text: str, hint: Any) -> Any:
-    kinds = [k for k in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _union_type()) else (hint,))
+    kinds = [k for k in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,))
              if k is not type(None)]
     # "a,b" is a range or a list; a single value a scalar first (a range min=max, or a list of one, otherwise)
     kinds.sort(key=lambda k: (typing.get_origin(k) in (tuple, list)) != ("," in text))
@@ -104,12 +105,6 @@ def _value(name: str, text: str, hint: Any) -> Any:
         except (TypeError, ValueError):
             continue
     raise MaterialsProjectError(f"{name}={text}: expected {_describe(kinds)}")
-
-
-def _union_type() -> Any:
-    import types
-
-    return types.UnionType
 
 
 def _convert(text: str, kind: Any) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch_geometric.data import Batch, Data
 from tqdm import tqdm
 
+from .download import use_base_url
 from .graph import StructureError, isolated_atoms, structure_to_graph
 from .model import MEGNet
 from .structures import StructureEntry, StructureInputs, collect_structures, structure_id
@@ -132,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="download the published weights from this mirror (a URL or folder laid out as "
                         "<base>/matgl/<path>; default: $MEGNET_PT_BASE_URL, else GitHub)")
     args = parser.parse_args(argv)
-    if args.base_url:
-        from .download import BASE_URL_ENV, resolve_base_url
-
-        os.environ[BASE_URL_ENV] = resolve_base_url(args.base_url) or args.base_url
+    use_base_url(args.base_url)
 
     from .checkpoint import CheckpointError
     from .pretrained import load_model

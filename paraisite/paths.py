@@ -13,9 +13,9 @@ folders are passed down to it.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from megnet_pt import download
 from megnet_pt.download import resolve_base_url
 from megnet_pt.paths import home_folder
 
@@ -50,8 +50,7 @@ def base_url(value: str | None = None) -> str | None:
 
 def use_base_url(value: str | None) -> None:
     """An entry point's ``--base-url``: the mirror for everything this process downloads (``$PARAISITE_BASE_URL``)."""
-    if value:
-        os.environ[BASE_URL_ENV] = os.fspath(resolve_base_url(value) or value)
+    download.use_base_url(value, BASE_URL_ENV)
 
 
 def download_advice() -> str:

@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import torch
 
+from megnet_pt.cache.workers import cpu_cores
 from megnet_pt.predict import resolve_device
 
 
@@ -31,14 +32,6 @@ def process_device(name: str, world: int, local_rank: int) -> torch.device:
     return device
 
 
-def cpu_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def cpu_processes(requested: str, pending_splits: int, cores: int | None = None) -> tuple[int, int]:
     """(processes, threads each) for training on a CPU: ``auto`` is one single-thread process per core, at most
     one per split (on 2 cores, 2 x 1 thread trains 1.5x faster than 1 x 2: docs/performance.md); a number is that."""
@@ -51,7 +44,8 @@ def cpu_processes(requested: str, pending_splits: int, cores: int | None = None)
 
 
 def spawn(script: str, argv: list[str], processes: int, threads: int) -> int:
-    """Run ``script argv`` as ``processes`` ranks of one job on this machine, as torchrun would; the worst exit code.
+    """Run ``script argv`` as ``processes`` ranks of one job on this machine, as torchrun would; 0, or the exit code
+    of the first rank that failed.
 
     Every rank gets ``threads`` threads (OMP_NUM_THREADS). Ctrl-C stops them all;
     each has saved its last finished epoch, and the same command resumes.
@@ -68,15 +62,17 @@ def spawn(script: str, argv: list[str], processes: int, threads: int) -> int:
                 LOCAL_WORLD_SIZE=str(processes), OMP_NUM_THREADS=str(threads))
     children = [subprocess.Popen([sys.executable, script, *argv], env=base | {"RANK": str(r), "LOCAL_RANK": str(r)})
                 for r in range(processes)]
+    failed = 0  # the exit code of the first rank that failed (not of those stopped because of it)
     try:
         while True:
             codes = [child.poll() for child in children]
-            if all(c is not None for c in codes):
-                return max(codes, key=abs)
-            if any(c not in (None, 0) for c in codes):  # a rank failed: the others would wait for it at a barrier
+            if not failed and any(c not in (None, 0) for c in codes):  # the others would wait for it at a barrier
+                failed = next(c for c in codes if c not in (None, 0))
                 for child, c in zip(children, codes):
                     if c is None:
                         child.terminate()  # what each saved (state files are written whole) stays
+            if all(c is not None for c in codes):
+                return failed
             time.sleep(0.2)
     except KeyboardInterrupt:  # the children got the Ctrl-C too, and stop after saving
         for child in children:

@@ -4,7 +4,7 @@
     python scripts/spread_vs_error.py scan.csv [--held-out RUN/predictions.csv]
 
 Spread is ``ltc_std_over_mean`` of the scan; error is |log10(prediction / label)| (predictions floored at
-1e-3 W/m/K): of the nine models' mean, or with ``--held-out`` the mean error of each material's predictions
+1e-3 W/m/K, ``paraisite.metrics.LOG_FLOOR``): of the nine models' mean, or with ``--held-out`` the mean error of each material's predictions
 by the models that held it out (its validation folds). Prints Spearman's rho of spread and error, and the
 median error and the share within a factor of 2 of the most and the least certain thirds.
 """
@@ -17,9 +17,12 @@ import math
 import numpy as np
 from scipy import stats
 
+from paraisite.metrics import LOG_FLOOR
+
 
 def log_error(predicted: float, label: float) -> float:
-    return abs(math.log10(max(predicted, 1e-3) / label))
+    """|log10(prediction / label)|, floored as ``regression_metrics``' MAE of log10 is."""
+    return abs(math.log10(max(predicted, LOG_FLOOR) / label))
 
 
 def main() -> None:

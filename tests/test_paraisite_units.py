@@ -199,3 +199,21 @@ def test_sre_log_mae_and_spearman_by_hand():
     # ranks of t: 1 3 4 2; of p: 2 3 4 1 -> d = -1 0 0 1, sum d^2 = 2, rho = 1 - 6*2/(4*15)
     assert m["spearman"] == pytest.approx(1 - 6 * 2 / (4 * 15))
     assert math.isnan(regression_metrics(t, np.ones(4))["spearman"])
+
+
+def test_spawn_returns_the_failing_ranks_code_and_stops_the_others(tmp_path):
+    """train.py's own launcher: a rank that fails ends the job with its exit code; the rank waiting for it is stopped."""
+    import time
+
+    from paraisite.processes import spawn
+
+    script = tmp_path / "job.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['RANK'] == '1':\n    sys.exit(3)\n"
+                      "time.sleep(60)\n")
+    t0 = time.monotonic()
+    assert spawn(str(script), [], processes=2, threads=1) == 3
+    assert time.monotonic() - t0 < 30
+    ok = tmp_path / "ok.py"
+    ok.write_text("import os\nassert os.environ['WORLD_SIZE'] == '2' and os.environ['OMP_NUM_THREADS'] == '1'\n")
+    assert spawn(str(ok), [], processes=2, threads=1) == 0

@@ -14,8 +14,13 @@ from ..materials_project import PAPER_FIELDS, MaterialsProjectError, download
 from ..predict import positive_int
 from .format import COMMIT_EVERY, CacheError, _open_partial, _partial_path
 from .reader import GraphCache
-from .workers import default_workers
+from .workers import cpu_cores
 from .writer import build_cache, check_output
+
+
+def comma_list(text: str) -> list[str]:
+    """``"a,b,"`` -> ``["a", "b"]``: a command-line list of names."""
+    return [name for name in text.split(",") if name]
 
 
 def mp_folder(out: Path) -> Path:
@@ -108,19 +113,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("inputs", nargs="*", type=Path, help="structure files or folders (none with --from-mp alone)")
     b.add_argument("-o", "--out", type=Path, required=True, help="the cache file to write (e.g. graphs.h5)")
     b.add_argument("--cutoff", type=float, default=DEFAULT_CUTOFF, help="neighbour cutoff in Å (default %(default)s)")
-    b.add_argument("--workers", type=positive_int, default=default_workers(),
+    b.add_argument("--workers", type=positive_int, default=cpu_cores(),
                    help="processes parsing structures and building graphs (default: every core, %(default)s here)")
     b.add_argument("--commit-every", type=positive_int, default=COMMIT_EVERY,
                    help="inputs per flushed chunk; an interrupted build loses at most this many (default %(default)s)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
-    b.add_argument("--fields", type=lambda t: [f for f in t.split(",") if f], default=None,
+    b.add_argument("--fields", type=comma_list, default=None,
                    help="comma-separated fields of the inputs to store (default: every numeric or boolean field)")
     mp = b.add_argument_group("Materials Project (needs pip install mp-api)")
     mp.add_argument("--from-mp", nargs="+", action="extend", metavar="CRITERION",
                     help="download the materials matching these criteria of the client's summary search, name=value: "
                     "is_stable=true, energy_above_hull=0,0.05 (min,max), elements=Si,O, chemsys=Li-Fe-O, "
                     "material_ids=mp-149,mp-13, ...")
-    mp.add_argument("--mp-fields", type=lambda t: [f for f in t.split(",") if f], default=list(PAPER_FIELDS),
+    mp.add_argument("--mp-fields", type=comma_list, default=list(PAPER_FIELDS),
                     help="the record fields to download beside each structure (default: %(default)s)")
     mp.add_argument("--api-key", default=None, help="Materials Project API key (default: $MP_API_KEY); never written anywhere")
     mp.add_argument("--mp-endpoint", default=None,

@@ -40,8 +40,8 @@ def _convert(entry: StructureEntry, cutoff: float) -> tuple[str, dict[str, Any] 
         return entry.id, None, (text.splitlines()[0] if text else type(exc).__name__)
 
 
-def default_workers() -> int:
-    """Processes for parsing and graph building by default: every core this process may use.
+def cpu_cores() -> int:
+    """The cores this process may run on: the default number of workers.
 
     Parsing CIFs with pymatgen (about 100-400 structures/s a core) is what
     bounds a build; graph building from parsed structures is several times faster.

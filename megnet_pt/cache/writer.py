@@ -41,7 +41,7 @@ from .format import (
     _open_for_append, _open_partial, _partial_path, _strings, _strings_sha256,
 )
 from .reader import GraphCache
-from .workers import converter, default_workers
+from .workers import converter, cpu_cores
 
 
 @dataclass
@@ -96,7 +96,7 @@ def build_cache(
     out = Path(out)
     check_output(out, cutoff)
     with _build_lock(out):
-        return _build(inputs, out, cutoff, workers or default_workers(), commit_every, progress, fields)
+        return _build(inputs, out, cutoff, workers or cpu_cores(), commit_every, progress, fields)
 
 
 def check_output(out: Path, cutoff: float) -> None:
@@ -195,7 +195,7 @@ def ensure_cache(
     with _build_lock(out):
         if out.exists() and not rebuild:  # another process built it while we waited
             return reuse()
-        report = _build(inputs, out, cutoff, workers or default_workers(), COMMIT_EVERY, progress)
+        report = _build(inputs, out, cutoff, workers or cpu_cores(), COMMIT_EVERY, progress)
     if progress:
         print(report, file=sys.stderr)
     return GraphCache(out, cutoff=cutoff, vocabulary=vocabulary)
