@@ -29,7 +29,8 @@ from paraisite.processes import barrier, cpu_cores, cpu_processes, distributed, 
 from paraisite.protocol import (Plan, check_given_aflow_run, describe_job, describe_start, finish_distributed,
                                 run_protocol)
 from paraisite.rundir import RunDir
-from paraisite.training import INITS, TrainConfig
+from paraisite.metrics import LOSSES
+from paraisite.training import INITS, RECIPES, TrainConfig
 
 
 def parse_splits(text: str) -> list[int]:
@@ -102,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="not in the paper: choose best.pt on a share H (e.g. 0.1) of each split's training part, held out "
                    "from training, instead of on the validation part it is scored on (an honest early stopping; the "
                    "AFLOW stage of fe+af/rw+af keeps its own selection). Default folders get a suffix _holdout<H>")
+    p.add_argument("--recipe", default="paper", choices=list(RECIPES),
+                   help="paper: the paper's protocol; robust: not in the paper, the most accurate recipe of our search "
+                   f"({', '.join(f'{k}={v}' for k, v in RECIPES['robust'].items())}; docs/results.md), chosen without "
+                   "the validation parts. Default folders get a suffix _<recipe>; the flags below override its settings")
+    p.add_argument("--loss", default=None, choices=LOSSES, help="not in the paper: the training loss, mape (MAPE in W/m/K, "
+                   "the paper's) or log10 (mean absolute error of log10(LTC + 1)); default: the recipe's")
+    p.add_argument("--megnet-lr", type=float, default=None, metavar="LR", help="not in the paper: MEGNet's own learning "
+                   "rate (the head keeps --lr); default: the recipe's, else --lr")
+    p.add_argument("--swa-epochs", type=int, default=None, metavar="N", help="not in the paper: final.pt is the mean of the "
+                   "weights after each of the last N epochs (stochastic weight averaging); default: the recipe's, else none")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes, checked between epochs "
                    "(the epoch running then is finished and saved first; an AFLOW epoch takes about 16 s on one CPU thread); "
                    "re-run the same command to go on")
@@ -134,7 +145,19 @@ def validate_names(args: argparse.Namespace) -> list[str]:
         raise DatasetError(f"--clip-grad-norm must be positive (got {args.clip_grad_norm})")
     if args.select_holdout is not None and not 0 < args.select_holdout < 1:
         raise DatasetError(f"--select-holdout must be between 0 and 1 (got {args.select_holdout})")
+    if args.megnet_lr is not None and not (math.isfinite(args.megnet_lr) and args.megnet_lr > 0):
+        raise DatasetError(f"--megnet-lr must be a positive number (got {args.megnet_lr})")
+    if args.swa_epochs is not None and not 1 <= args.swa_epochs <= args.epochs:
+        raise DatasetError(f"--swa-epochs must be between 1 and --epochs ({args.epochs}) (got {args.swa_epochs})")
     return tests
+
+
+def recipe_settings(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The settings of the run (its recipe's, overridden by flags given) and those of them that are not the recipe's."""
+    recipe = RECIPES[args.recipe]
+    given = {key: getattr(args, key) for key in ("clip_grad_norm", "select_holdout", "loss", "megnet_lr", "swa_epochs")
+             if getattr(args, key) is not None}
+    return recipe | given, {key: v for key, v in given.items() if recipe.get(key) != v}
 
 
 def pending_splits(config: TrainConfig, splits: list[int], run: RunDir) -> int:
@@ -153,14 +176,15 @@ def main(argv: list[str] | None = None) -> int:
             raise DatasetError(f"--processes takes auto or a number of processes (got {args.processes!r})")
         rank, world, local_rank = distributed()
         device = process_device(args.device, world, local_rank)
-        aflow_run = args.aflow_run or str(RunDir.default_aflow(args.init, args.clip_grad_norm))
+        settings, off_recipe = recipe_settings(args)
+        aflow_run = args.aflow_run or str(RunDir.default_aflow(args.init, settings.get("clip_grad_norm")))
         config = TrainConfig(init=args.init, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                              lr=args.lr, seed=args.seed, aflow_run=aflow_run if "+af" in args.init else None,
-                             clip_grad_norm=args.clip_grad_norm, select_holdout=args.select_holdout)
+                             recipe=args.recipe, **settings)
         if "+af" in args.init and args.aflow_run:
             check_given_aflow_run(config, args.splits)
-        run = RunDir(args.run_dir) if args.run_dir else RunDir.default(args.init, args.dataset, args.clip_grad_norm,
-                                                                          args.select_holdout)
+        run = (RunDir(args.run_dir) if args.run_dir
+               else RunDir.default(args.init, args.dataset, recipe=args.recipe, **off_recipe))
         if world == 1 and device.type == "cpu" and not args.ensemble:
             processes, threads = cpu_processes(args.processes, pending_splits(config, args.splits, run))
             if processes > 1:  # the fastest path on a CPU: the splits shared by single-thread processes

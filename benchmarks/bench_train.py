@@ -90,8 +90,8 @@ def bench(name: str, device: torch.device, args: argparse.Namespace, tmp: Path) 
         return PlainStep(models, ts, data, device, config.lr)
 
     def save(step: PlainStep | StackedStep, path: Path) -> None:
-        members, group = step.state()
-        atomic_save({"members": members, "param_group": group}, path)
+        members, groups = step.state()
+        atomic_save({"members": members, "param_groups": groups}, path)
 
     # (a) one stepper per split; (b) the M splits as one stacked stepper; (c) the same, as CUDA graphs
     plain = [stepper(False, [k]) for k in splits]

@@ -52,7 +52,7 @@ class Ours:
         self.to_graph, self.Batch = structure_to_graph, Batch
         self.megnet = MEGNet()
         self.model = ParAIsite(MEGNet())
-        self.optimizer = adam([p for p in self.model.parameters() if p.requires_grad], 1e-3)
+        self.optimizer = adam([(n, p) for n, p in self.model.named_parameters() if p.requires_grad], 1e-3)
 
     def graph(self, structure):
         return self.to_graph(structure, cutoff=4.0)

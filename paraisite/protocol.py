@@ -97,8 +97,8 @@ def _datasets(config: TrainConfig, plan: Plan, needs_stage: bool) -> dict[str, L
     datasets = {name: load_dataset(name, cutoff=config.cutoff, progress=plan.progress) for name in names}
     if needs_stage:
         aflow = load_dataset("aflow_agl", cutoff=config.cutoff, progress=plan.progress)
-        RunDir(config.aflow_run).check_config(recorded_config(config.aflow_stage(), aflow))
-    plan.run.check_config(recorded_config(config, datasets[config.dataset]))
+        RunDir(config.aflow_run).check_config(recorded_config(config.aflow_stage(), aflow), TrainConfig().to_dict())
+    plan.run.check_config(recorded_config(config, datasets[config.dataset]), TrainConfig().to_dict())
     return datasets
 
 

@@ -45,16 +45,20 @@ class RunDir:
     # --- names ------------------------------------------------------------------------------
 
     @staticmethod
-    def suffix(clip_grad_norm: float | None = None, select_holdout: float | None = None) -> str:
-        """``_clip<C>`` and ``_holdout<H>``: runs off the paper's protocol never share its folders."""
-        return (f"_clip{clip_grad_norm:g}" if clip_grad_norm else "") + (
-            f"_holdout{select_holdout:g}" if select_holdout else "")
+    def suffix(clip_grad_norm: float | None = None, select_holdout: float | None = None, *, recipe: str = "paper",
+               loss: str | None = None, megnet_lr: float | None = None, swa_epochs: int | None = None) -> str:
+        """``_<recipe>``, ``_clip<C>``, ``_holdout<H>``, ``_<loss>``, ``_megnetlr<L>``, ``_swa<N>``: runs off the
+        paper's protocol never share its folders (the settings given are those not already the recipe's)."""
+        return "".join(part for value, part in (
+            (recipe != "paper", f"_{recipe}"), (clip_grad_norm, f"_clip{clip_grad_norm:g}" if clip_grad_norm else ""),
+            (select_holdout, f"_holdout{select_holdout:g}" if select_holdout else ""), (loss, f"_{loss}"),
+            (megnet_lr, f"_megnetlr{megnet_lr:g}" if megnet_lr else ""), (swa_epochs, f"_swa{swa_epochs}")) if value)
 
     @classmethod
     def default(cls, init: str, dataset: str, clip_grad_norm: float | None = None,
-                select_holdout: float | None = None, root: str | Path = "runs") -> "RunDir":
-        """``runs/<init>_<dataset name><suffix>``."""
-        return cls(Path(root) / f"{init}_{Path(dataset).name}{cls.suffix(clip_grad_norm, select_holdout)}")
+                select_holdout: float | None = None, root: str | Path = "runs", **off_paper: Any) -> "RunDir":
+        """``runs/<init>_<dataset name><suffix>`` (``off_paper``: the keywords of :meth:`suffix`)."""
+        return cls(Path(root) / f"{init}_{Path(dataset).name}{cls.suffix(clip_grad_norm, select_holdout, **off_paper)}")
 
     @classmethod
     def default_aflow(cls, init: str, clip_grad_norm: float | None = None, root: str | Path = "runs") -> "RunDir":
@@ -148,13 +152,14 @@ class RunDir:
     def read_config(self) -> dict[str, Any] | None:
         return json.loads(self.config_path.read_text()) if self.config_path.is_file() else None
 
-    def check_config(self, config: dict[str, Any]) -> None:
+    def check_config(self, config: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
         """Write ``config.json`` on first use; refuse a folder that holds a run with other settings.
 
         Processes that start on one new folder at once (one split each) may all
         write it: each through a file of its own, and each then compares its
         settings with the one that landed. A setting missing from an older
-        config.json counts as None; ``inputs`` (the digest of the training
+        config.json counts as its value in ``defaults`` (what runs had before the
+        setting existed), else None; ``inputs`` (the digest of the training
         data) missing there is not known, so not compared.
         """
         current = _normalised(config)
@@ -163,7 +168,7 @@ class RunDir:
             tmp = self.config_path.with_name(f"config.json.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(current, indent=2) + "\n")
             os.replace(tmp, self.config_path)
-        stored = _normalised(self.read_config() or {})
+        stored = _normalised((defaults or {}) | (self.read_config() or {}))
         # aflow_run too: +af models that started from other AFLOW models must not be taken as finished
         diff = config_differences(stored, current)
         if "inputs" in diff:

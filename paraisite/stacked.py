@@ -34,7 +34,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from megnet_pt import MEGNet
 
-from .metrics import mape_loss
+from .metrics import mape_loss, training_loss
 from .model import ParAIsite
 from .padding import PackedGraphs, PaddedBatch, pad_batches
 from .transform import TargetTransform, inverse_transform
@@ -90,13 +90,14 @@ def clip_members(params: list[Tensor], max_norm: float) -> None:
 
 
 def train_step(net: StackedModel, optimizer: torch.optim.Optimizer, x: PaddedBatch, mean: Tensor,
-               std: Tensor, clip_grad_norm: float | None = None) -> Tensor:
+               std: Tensor, clip_grad_norm: float | None = None, loss: str = "mape") -> Tensor:
     """One Adam step of every member on its own batch; returns the M training losses (detached).
 
-    ``mean``, ``std``: ``[M, 1]``, each member's target transform.
+    ``mean``, ``std``: ``[M, 1]``, each member's target transform; ``loss`` as
+    :func:`paraisite.metrics.training_loss` (MAPE in the formula above).
     """
     z = net(x)[:, : x.num_real]
-    losses = mape_loss(inverse_transform(z, mean, std), x.target, mask=x.mask, count=x.count)
+    losses = training_loss(z, x.target, mean, std, loss, mask=x.mask, count=x.count)
     optimizer.zero_grad(set_to_none=True)
     # the members' losses do not share parameters, so d(sum)/d(theta_m) = d(loss_m)/d(theta_m)
     losses.sum().backward()
@@ -134,8 +135,8 @@ class CUDAGraphStep:
     are those of ``train_step``.
     """
 
-    def __init__(self, net: StackedModel, mean: Tensor, std: Tensor) -> None:
-        self.net, self.params, self.mean, self.std = net, net.trainable(), mean, std
+    def __init__(self, net: StackedModel, mean: Tensor, std: Tensor, loss: str = "mape") -> None:
+        self.net, self.params, self.mean, self.std, self.loss = net, net.trainable(), mean, std, loss
         self.graphs: dict[tuple[int, int, int], Any] = {}
 
     @staticmethod
@@ -143,12 +144,12 @@ class CUDAGraphStep:
         return (x.node_type, x.edge_index, x.edge_dist, x.batch, x.state, x.target, x.mask, x.count)
 
     def _record(self, x: PaddedBatch) -> Any:
-        n, net, mean, std = len(self.params), self.net, self.mean, self.std
+        n, net, mean, std, loss = len(self.params), self.net, self.mean, self.std, self.loss
 
         def losses(*args: Tensor) -> Tensor:  # args: the trainable tensors of net.params, then the batch's
             batch = PaddedBatch(*args[n:])
             z = net(batch)[:, : batch.num_real]
-            return mape_loss(inverse_transform(z, mean, std), batch.target, mask=batch.mask, count=batch.count)
+            return training_loss(z, batch.target, mean, std, loss, mask=batch.mask, count=batch.count)
 
         with _side_stream_warning_ignored(), torch.cuda.device(x.node_type.device):
             return torch.cuda.make_graphed_callables(losses, (*self.params, *self._inputs(x)))

@@ -7,14 +7,16 @@ next batch of every member (one member per split) and asks a stepper:
                         each member's graphs, ``[M]`` float64 (the loop divides by the epoch's count)
     losses(parts)       every member's MAPE on its own part (validation or selection), W/m/K
     member(m)           member m as a ``ParAIsite`` with its current weights (to save or score it)
-    state(), load_state(members, param_group)
+    state(), load_state(members, param_groups)
                         the resume state of each member, its weights and Adam moments: one format
                         whatever the stepper, so a state written by one is read by the other
 
 :class:`PlainStep` trains one model on a PyG ``Batch``; :class:`StackedStep`
 trains M models stacked into one (:mod:`paraisite.stacked`) on padded batches,
-on CUDA replaying each step as a CUDA graph. Both use fused Adam and clip each
-member's gradient on its own when ``clip_grad_norm`` is set.
+on CUDA replaying each step as a CUDA graph. Both use fused Adam (MEGNet at
+its own learning rate with ``megnet_lr``), the loss ``loss``
+(:func:`paraisite.metrics.training_loss`), and clip each member's gradient on
+its own when ``clip_grad_norm`` is set.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from torch import Tensor
 from torch_geometric.data import Batch
 
 from .datasets import LTCDataset
-from .metrics import mape_loss
+from .metrics import mape_loss, training_loss
 from .model import ParAIsite, predict
 from .padding import PackedGraphs, pad_batches, padded_shapes
 from .stacked import CUDAGraphStep, StackedModel, train_step, validate
@@ -36,15 +38,36 @@ from .transform import TargetTransform
 MemberState = dict[str, dict[str, Any]]  # {"model": state_dict, "adam": {parameter name: Adam's state}}
 
 
-def adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
+def adam(named: list[tuple[str, Tensor]], lr: float, megnet_lr: float | None = None) -> torch.optim.Adam:
+    """Adam over the trainable ``(name, parameter)`` pairs: one group at ``lr``, or with ``megnet_lr`` two,
+    MEGNet's parameters (``megnet.*``) at ``megnet_lr`` and the head's at ``lr`` (each annealed alike)."""
+    if megnet_lr is None:
+        groups = [{"params": [p for _, p in named]}]
+    else:
+        groups = [{"params": [p for n, p in named if n.startswith("megnet.")], "lr": megnet_lr},
+                  {"params": [p for n, p in named if not n.startswith("megnet.")]}]
     # fused: one kernel over all parameter tensors instead of a Python loop (3x faster step on a CPU);
     # Adam is elementwise, so on stacked tensors it is M independent Adams
-    return torch.optim.Adam(params, lr=lr, eps=1e-8, fused=True)
+    return torch.optim.Adam(groups, lr=lr, eps=1e-8, fused=True)
 
 
-def _param_group(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimiser's settings (lr as scheduled, betas, ...), without its parameters."""
-    return {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+def _param_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The optimiser's settings per group (lr as scheduled, betas, ...), without their parameters."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def _load_adam(optimizer: torch.optim.Optimizer, params: list[Tensor], adam_states: list[dict[str, Tensor]],
+               param_groups: list[dict[str, Any]]) -> None:
+    """Give each of ``params`` its saved Adam state and each group its saved settings."""
+    if len(param_groups) != len(optimizer.param_groups):
+        raise ValueError(f"the state has {len(param_groups)} parameter group(s), this optimiser {len(optimizer.param_groups)}")
+    state_of = dict(zip(params, adam_states))  # tensors hash by identity
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    groups, start = [], 0
+    for group, saved in zip(optimizer.param_groups, param_groups):
+        groups.append(dict(saved, params=list(range(start, start + len(group["params"])))))
+        start += len(group["params"])
+    optimizer.load_state_dict({"state": {i: state_of[p] for i, p in enumerate(ordered)}, "param_groups": groups})
 
 
 def validation_mape(model: ParAIsite, graphs: list, idx: np.ndarray, transform: TargetTransform, data: LTCDataset,
@@ -53,16 +76,12 @@ def validation_mape(model: ParAIsite, graphs: list, idx: np.ndarray, transform: 
     return float(mape_loss(predict(model, [graphs[i] for i in idx], transform, device), data.ltc[idx]))
 
 
-def _load_adam(optimizer: torch.optim.Optimizer, adam_states: list[dict[str, Tensor]], param_group: dict) -> None:
-    optimizer.load_state_dict({"state": dict(enumerate(adam_states)),
-                               "param_groups": [dict(param_group, params=list(range(len(adam_states))))]})
-
-
 class PlainStep:
     """One model, one batch at a time: the textbook step."""
 
     def __init__(self, models: list[ParAIsite], transforms: list[TargetTransform], data: LTCDataset,
-                 device: torch.device, lr: float, clip_grad_norm: float | None = None) -> None:
+                 device: torch.device, lr: float, clip_grad_norm: float | None = None, loss: str = "mape",
+                 megnet_lr: float | None = None) -> None:
         if len(models) != 1:
             raise ValueError(f"PlainStep trains one model (got {len(models)}); use StackedStep for several")
         self.model, self.transform, self.data, self.device = models[0].to(device), transforms[0], data, device
@@ -71,14 +90,14 @@ class PlainStep:
         self.graphs = [copy.copy(g).to(device) for g in data.graphs] if device.type != "cpu" else data.graphs
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.names, self.params = [n for n, _ in trainable], [p for _, p in trainable]
-        self.optimizer = adam(self.params, lr)
-        self.clip_grad_norm = clip_grad_norm
+        self.optimizer = adam(trainable, lr, megnet_lr)
+        self.clip_grad_norm, self.loss = clip_grad_norm, loss
 
     def step(self, batches: list[np.ndarray]) -> Tensor:
         (idx,) = batches
         self.model.train()
         batch = Batch.from_data_list([self.graphs[j] for j in idx])
-        loss = mape_loss(self.transform.inverse(self.model(batch)), self.y[idx])
+        loss = training_loss(self.model(batch), self.y[idx], self.transform.mean, self.transform.std, self.loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip_grad_norm:
@@ -95,12 +114,12 @@ class PlainStep:
 
     def state(self) -> tuple[list[MemberState], dict[str, Any]]:
         adam_state = [self.optimizer.state[p] for p in self.params]
-        return [{"model": self.model.state_dict(), "adam": dict(zip(self.names, adam_state))}], _param_group(self.optimizer)
+        return [{"model": self.model.state_dict(), "adam": dict(zip(self.names, adam_state))}], _param_groups(self.optimizer)
 
-    def load_state(self, members: list[MemberState], param_group: dict[str, Any]) -> None:
+    def load_state(self, members: list[MemberState], param_groups: list[dict[str, Any]]) -> None:
         (member,) = members
         self.model.load_state_dict(member["model"])
-        _load_adam(self.optimizer, [member["adam"][n] for n in self.names], param_group)
+        _load_adam(self.optimizer, self.params, [member["adam"][n] for n in self.names], param_groups)
 
 
 class StackedStep:
@@ -108,7 +127,7 @@ class StackedStep:
 
     def __init__(self, models: list[ParAIsite], transforms: list[TargetTransform], data: LTCDataset,
                  device: torch.device, lr: float, clip_grad_norm: float | None = None, batch_size: int = 8,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, loss: str = "mape", megnet_lr: float | None = None) -> None:
         self.models, self.transforms, self.data, self.device = models, transforms, data, device
         self.net = StackedModel(models, device)
         self.names = [n for n, p in self.net.params.items() if p.requires_grad]
@@ -116,18 +135,18 @@ class StackedStep:
         self.mean = torch.tensor([[t.mean] for t in transforms], device=device)
         self.std = torch.tensor([[t.std] for t in transforms], device=device)
         self.packed = PackedGraphs.from_dataset(data, device)
-        self.optimizer = adam(self.net.trainable(), lr)
-        self.clip_grad_norm = clip_grad_norm
+        self.optimizer = adam([(n, self.net.params[n]) for n in self.names], lr, megnet_lr)
+        self.clip_grad_norm, self.loss = clip_grad_norm, loss
         graphed = cuda_graphs and device.type == "cuda"
         self.shapes = padded_shapes(self.packed, batch_size) if graphed else None
-        self.graphed = CUDAGraphStep(self.net, self.mean, self.std) if graphed else None
+        self.graphed = CUDAGraphStep(self.net, self.mean, self.std, loss) if graphed else None
 
     def step(self, batches: list[np.ndarray]) -> Tensor:
         x = pad_batches(self.packed, batches, self.shapes)
         if self.graphed is not None:
             losses = self.graphed(self.optimizer, x, self.clip_grad_norm)
         else:
-            losses = train_step(self.net, self.optimizer, x, self.mean, self.std, self.clip_grad_norm)
+            losses = train_step(self.net, self.optimizer, x, self.mean, self.std, self.clip_grad_norm, self.loss)
         return losses.double() * x.count
 
     def losses(self, parts: list[np.ndarray]) -> list[float]:
@@ -148,9 +167,9 @@ class StackedStep:
             moments = {n: {key: (v if key == "step" else v[m]) for key, v in self.optimizer.state[p].items()}
                        for n, p in zip(self.names, params)}
             members.append({"model": self.net.member_state(m), "adam": moments})
-        return members, _param_group(self.optimizer)
+        return members, _param_groups(self.optimizer)
 
-    def load_state(self, members: list[MemberState], param_group: dict[str, Any]) -> None:
+    def load_state(self, members: list[MemberState], param_groups: list[dict[str, Any]]) -> None:
         with torch.no_grad():
             for name, p in self.net.params.items():
                 p.copy_(torch.stack([m["model"][name] for m in members]))
@@ -158,4 +177,4 @@ class StackedStep:
                 b.copy_(torch.stack([m["model"][name] for m in members]))
         stacked = [{key: (v if key == "step" else torch.stack([m["adam"][n][key] for m in members]))
                     for key, v in members[0]["adam"][n].items()} for n in self.names]
-        _load_adam(self.optimizer, stacked, param_group)
+        _load_adam(self.optimizer, [self.net.params[n] for n in self.names], stacked, param_groups)

@@ -9,7 +9,11 @@ For each split k (training part T, selection part S, validation part V):
         val = MAPE over V; keep the weights of the lowest MAPE over S as best.pt
 
 S is V itself in the paper's protocol, or with ``select_holdout`` a share of
-T that is then not trained on (:meth:`LTCDataset.training_parts`).
+T that is then not trained on (:meth:`LTCDataset.training_parts`). Off the
+paper, a config may also change the loss (``loss="log10"``: the error of
+log10(y + 1)), give MEGNet its own learning rate (``megnet_lr``), or make
+final.pt the mean of the weights of the last ``swa_epochs`` epochs (stochastic
+weight averaging); :data:`RECIPES` names such settings.
 
 :func:`train` runs this loop for a group of splits at once: one split with a
 :class:`~paraisite.steps.PlainStep`, or M splits stacked into one model with a
@@ -53,6 +57,14 @@ STATE_FORMAT = "paraisite.train_state"
 STATE_VERSION = 2
 
 
+# Named settings off the paper's protocol (train.py --recipe); "paper" is the protocol itself. "robust" was
+# chosen by scripts/recipe_search.py on inner hold-outs of the training parts only (docs/results.md).
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "robust": {"loss": "log10", "select_holdout": 0.2},
+}
+
+
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite: the message names the split and the epoch."""
 
@@ -71,6 +83,10 @@ class TrainConfig:
     aflow_run: str | None = None  # folder of the AFLOW-stage run for fe+af / rw+af
     clip_grad_norm: float | None = None  # not in the paper: clip each step's gradient to this L2 norm
     select_holdout: float | None = None  # not in the paper: choose the epoch on this share of the training part
+    loss: str = "mape"  # "log10", not in the paper: the error of log10(LTC + 1) (paraisite.metrics.training_loss)
+    megnet_lr: float | None = None  # not in the paper: MEGNet's own learning rate (the head keeps lr)
+    swa_epochs: int | None = None  # not in the paper: final.pt is the mean of the weights of the last N epochs
+    recipe: str = "paper"  # the name of the settings above (RECIPES); the folder is named after it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,18 +212,22 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
     models = [initial_model(config, k) for k in group]
     if stacked or M > 1:  # M > 1 without stacked: a stacked group's complete state, only its final models to write
         stepper = StackedStep(models, transforms, data, device, config.lr, config.clip_grad_norm, config.batch_size,
-                              cuda_graphs)
+                              cuda_graphs, config.loss, config.megnet_lr)
     else:
-        stepper = PlainStep(models, transforms, data, device, config.lr, config.clip_grad_norm)
+        stepper = PlainStep(models, transforms, data, device, config.lr, config.clip_grad_norm, config.loss,
+                            config.megnet_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(stepper.optimizer, T_max=T_MAX, eta_min=ETA_MIN)
     curves: dict[int, list[dict[str, float]]] = {k: [] for k in group}
     bests = {k: {"val": float("inf"), "epoch": 0} for k in group}
+    swa_start = config.epochs - config.swa_epochs + 1 if config.swa_epochs else config.epochs + 1
+    weight_sums: dict[int, dict[str, torch.Tensor]] = {}  # per split, the weights summed over epochs >= swa_start
     path = run.state(group)
     if state is not None:
         try:
-            stepper.load_state(state["members"], state["param_group"])
+            stepper.load_state(state["members"], state.get("param_groups") or [state["param_group"]])
             scheduler.load_state_dict(state["scheduler"])
             curves, bests = state["curves"], state["bests"]
+            weight_sums = {k: member["swa"] for k, member in zip(group, state["members"]) if "swa" in member}
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot resume from it ({type(exc).__name__}: {exc}); "
                                   "delete it to restart") from exc
@@ -229,7 +249,7 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
         for i in range(0, n_train, config.batch_size):
             summed = stepper.step([o[i : i + config.batch_size] for o in orders])
             total = summed if total is None else total + summed
-        lr = stepper.optimizer.param_groups[0]["lr"]
+        lr = stepper.optimizer.param_groups[-1]["lr"]  # the head's (the only group unless megnet_lr)
         scheduler.step()
         vals = stepper.losses(val_idx)
         sels = stepper.losses(select_idx) if config.select_holdout else vals
@@ -241,6 +261,9 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
                 f"{run}: split {diverged[0][0]} diverged in epoch {epoch} (a loss of {diverged[0][1]}); the run stops with "
                 f"epoch {epoch - 1} saved. Lower --lr, or try --clip-grad-norm 10, in another --run-dir")
         seconds = (time.perf_counter() - t0) / M  # each split's share of the epoch
+        if epoch >= swa_start:
+            for m, k in enumerate(group):
+                weight_sums[k] = add_weights(weight_sums.get(k), stepper.member(m).state_dict())
         for m, k in enumerate(group):
             curves[k].append({"epoch": epoch, "train_loss": train_loss[m], "val_loss": vals[m], "lr": lr,
                               "seconds": seconds} | ({"select_loss": sels[m]} if config.select_holdout else {}))
@@ -248,9 +271,12 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
                 bests[k] = {"val": sels[m], "epoch": epoch}
                 save_model(stepper.member(m), transforms[m], run.checkpoint(k, "best"), selection="best", **meta,
                            split=k, epoch=epoch)
-        members, param_group = stepper.state()
+        members, param_groups = stepper.state()
+        for member, k in zip(members, group):
+            if k in weight_sums:
+                member["swa"] = weight_sums[k]
         atomic_save({"format": STATE_FORMAT, "version": STATE_VERSION, "splits": group, "dataset": data.name,
-                     "members": members, "sha256": tensors_sha256(members), "param_group": param_group,
+                     "members": members, "sha256": tensors_sha256(members), "param_groups": param_groups,
                      "scheduler": scheduler.state_dict(), "curves": curves, "bests": bests}, path)
         for k in group:
             write_csv(run.curve(k), curves[k])
@@ -263,10 +289,24 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
     bar.close()
     for m, k in enumerate(group):
         if not run.checkpoint(k, "final").is_file():
-            save_model(stepper.member(m), transforms[m], run.checkpoint(k, "final"), selection="final", **meta,
+            model = stepper.member(m)
+            if k in weight_sums:
+                model.load_state_dict(mean_weights(weight_sums[k], model.state_dict(), config.epochs - swa_start + 1))
+            save_model(model, transforms[m], run.checkpoint(k, "final"), selection="final", **meta,
                        split=k, epoch=config.epochs)
     path.unlink(missing_ok=True)
     return True
+
+
+def add_weights(total: dict[str, torch.Tensor] | None, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``total + weights`` for every floating tensor of a state dict, summed in float64 (a new dict)."""
+    return {n: (w.to(torch.float64, copy=True) if total is None else total[n] + w.double())
+            for n, w in weights.items() if w.is_floating_point()}
+
+
+def mean_weights(total: dict[str, torch.Tensor], like: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """The weight average of stochastic weight averaging (Izmailov et al. 2018): ``total / count`` in the dtypes of ``like``."""
+    return {n: (total[n] / count).to(w.dtype) if n in total else w for n, w in like.items()}
 
 
 # --- scoring a finished split ----------------------------------------------------------------

@@ -279,6 +279,20 @@ def paired_tables(found: dict[str, dict]) -> list[str]:
     return lines
 
 
+def recipe_section(csv_path: Path, intro: Path | None) -> list[str]:
+    """The recipe search's table (``scripts/recipe_search.py --out``), every candidate with its honest numbers."""
+    rows = read_csv(csv_path)
+    lines = ["## An honest recipe: the search", ""] + ([intro.read_text().rstrip(), ""] if intro else [])
+    lines += ["| candidate | selection | inner hold-out MAPE | MAPE | SRE | MAE of log10 | Spearman | R² |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = f"**{r['candidate']}** (chosen)" if r["chosen"] else r["candidate"]
+        cells = [f"{float(r[f'val_{m}']):.2f} ({float(r[f'val_{m}_std']):.2f})" for m in ("mape", "sre", "log10_mae",
+                                                                                          "spearman", "r2")]
+        lines.append(f"| {name} | {r['selection']} | {float(r['inner_mape']):.2f} | " + " | ".join(cells) + " |")
+    return lines + ["", f"Per split: `{csv_path.with_suffix('.splits.csv').as_posix()}`.", ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", default=["runs"], help="folders holding run folders (train.py's runs/, or "
@@ -288,6 +302,9 @@ def main() -> None:
     parser.add_argument("--intro", default=None, help="markdown file whose text opens results.md (setup, differences)")
     parser.add_argument("--outro", default=None, help="markdown file whose text closes results.md (screening, what remains)")
     parser.add_argument("--scan", default=None, help="the CSV a finished scan.py wrote; its summary and plots are included")
+    parser.add_argument("--recipes", default=None, help="the table scripts/recipe_search.py wrote (CSV), included with "
+                        "the markdown file --recipes-intro before it")
+    parser.add_argument("--recipes-intro", default=None)
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -326,6 +343,8 @@ def main() -> None:
         plot_steps(steps, data_dir / "fig6_validation_curves.png")
         lines += ["## Validation curves of the three steps (the paper's Fig. 6)", "",
                   "![validation curves](results/fig6_validation_curves.png)", ""]
+    if args.recipes:
+        lines += recipe_section(Path(args.recipes), Path(args.recipes_intro) if args.recipes_intro else None)
     if args.scan:
         lines += scan_section(Path(args.scan), data_dir / "scan")
     if args.outro:

@@ -292,32 +292,39 @@ def test_scaler_is_fitted_on_training_part_only(workdir):
     assert abs(transform.mean - z.mean()) > 1e-4  # the whole-dataset fit would differ
 
 
-def test_resume_after_kill_gives_the_same_weights(workdir, monkeypatch):
-    args = ("--init", "fe", "--dataset", "togo15", "--epochs", "3", "--splits", "1")
-    assert run_train(*args, "--run-dir", "runs/straight") == 0
+@pytest.mark.parametrize("extra, kill_at, saved_epochs", [
+    ((), 15, 1),  # epoch 1 is 10 training steps; die inside epoch 2
+    # two parameter groups and the SWA sums in the state: die inside epoch 3, after epoch 2 was summed
+    (("--loss", "log10", "--megnet-lr", "1e-4", "--swa-epochs", "2"), 25, 2),
+], ids=["paper", "log10_megnetlr_swa"])
+def test_resume_after_kill_gives_the_same_weights(workdir, monkeypatch, extra, kill_at, saved_epochs):
+    args = ("--init", "fe", "--dataset", "togo15", "--epochs", "3", "--splits", "1", *extra)
+    name = "_".join(extra).replace("-", "") or "paper"
+    assert run_train(*args, "--run-dir", f"runs/straight_{name}") == 0
 
-    real = steps.mape_loss
+    real = steps.training_loss
     calls = {"n": 0}
 
     def dying_loss(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 15:  # epoch 1 is 10 training steps + 1 validation; die inside epoch 2
+        if calls["n"] == kill_at:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(steps, "mape_loss", dying_loss)
+    monkeypatch.setattr(steps, "training_loss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
-        run_train(*args, "--run-dir", "runs/killed")
-    monkeypatch.setattr(steps, "mape_loss", real)
-    state = torch.load(workdir / "runs" / "killed" / "state_1.pt", weights_only=True)
-    assert len(state["curves"][1]) == 1
-    assert run_train(*args, "--run-dir", "runs/killed") == 0
-    a = weights(workdir / "runs" / "straight" / "split1" / "final.pt")
-    b = weights(workdir / "runs" / "killed" / "split1" / "final.pt")
+        run_train(*args, "--run-dir", f"runs/killed_{name}")
+    monkeypatch.setattr(steps, "training_loss", real)
+    state = torch.load(workdir / "runs" / f"killed_{name}" / "state_1.pt", weights_only=True)
+    assert len(state["curves"][1]) == saved_epochs
+    assert len(state["param_groups"]) == (2 if "--megnet-lr" in extra else 1)
+    assert run_train(*args, "--run-dir", f"runs/killed_{name}") == 0
+    a = weights(workdir / "runs" / f"straight_{name}" / "split1" / "final.pt")
+    b = weights(workdir / "runs" / f"killed_{name}" / "split1" / "final.pt")
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    curve_a = list(csv.DictReader(open(workdir / "runs" / "straight" / "split1" / "curve.csv")))
-    curve_b = list(csv.DictReader(open(workdir / "runs" / "killed" / "split1" / "curve.csv")))
+    curve_a = list(csv.DictReader(open(workdir / "runs" / f"straight_{name}" / "split1" / "curve.csv")))
+    curve_b = list(csv.DictReader(open(workdir / "runs" / f"killed_{name}" / "split1" / "curve.csv")))
     assert [r["val_loss"] for r in curve_a] == [r["val_loss"] for r in curve_b]
 
 
