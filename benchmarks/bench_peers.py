@@ -11,7 +11,7 @@ named by the interpreter of that environment (or $MATGL4_PYTHON, $UPSTREAM_PYTHO
               python -m venv upstream && upstream/bin/pip install torch==2.2.0 dgl==2.1.0 matgl==1.2.1 "numpy<2" "pymatgen<2025"
 
 A peer not given is left out; the project needs neither. ``--before DIR``
-adds this project at another commit (a ``git worktree`` folder), for a
+adds this project at another commit (a ``git worktree`` folder, timed by its own peer_worker.py), for a
 before/after in the same run. Every round runs
 each implementation in turn (ours, then the peers) on the same AFLOW
 structures and batches: graph building from parsed structures, batched
@@ -65,7 +65,8 @@ def run_worker(python: str, impl: str, work: Path, tree: Path = ROOT) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if impl == "ours":
         env["PYTHONPATH"] = str(tree)
-    proc = subprocess.run([python, str(ROOT / "benchmarks" / "peer_worker.py"), impl, str(work)], env=env,
+    worker = (tree if impl == "ours" else ROOT) / "benchmarks" / "peer_worker.py"  # ours at a commit: its own worker
+    proc = subprocess.run([python, str(worker), impl, str(work)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{python} ({impl}) failed:\n{proc.stderr[-2000:]}")

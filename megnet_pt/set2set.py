@@ -45,7 +45,7 @@ class Set2Set(aggr.Set2Set):
             i, f, g, o = gates.chunk(4, dim=-1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
-            e = (x * h[index]).sum(dim=-1, keepdim=True)
+            e = (x * h.index_select(0, index)).sum(dim=-1, keepdim=True)  # as h[index], with a faster backward
             a = softmax(e, index, ptr, dim_size, dim)
             r = self.reduce(a * x, index, ptr, dim_size, dim, reduce="sum")
             q_star = torch.cat([h, r], dim=-1)

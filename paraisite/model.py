@@ -6,6 +6,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 
 from megnet_pt import MEGNet
+from megnet_pt.model import collate
 from megnet_pt.pretrained import load_pretrained
 
 from . import paths
@@ -68,6 +69,6 @@ def predict(model: ParAIsite, graphs: list[Data], transform: TargetTransform, de
     model.eval()
     out = []
     for i in range(0, len(graphs), batch_size):
-        batch = Batch.from_data_list(graphs[i : i + batch_size]).to(device)
+        batch = collate(graphs[i : i + batch_size]).to(device)
         out.append(transform.inverse(model(batch).double()).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)

@@ -98,8 +98,11 @@ def _fmt(mean: float, std: float | None, digits: int) -> str:
 
 
 def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardware: str = "",
-                     select_holdout: float | None = None) -> str:
-    """Mean (std) over splits for each selection and test set, beside the paper's numbers."""
+                     select_holdout: float | None = None, off_paper: dict[str, Any] | None = None) -> str:
+    """Mean (std) over splits for each selection and test set, beside the paper's numbers.
+
+    ``off_paper``: the settings of the run that are not the paper's (named in a line of their own).
+    """
     stats = aggregate(rows)
     name = paper_name(init, dataset)
     tests = sorted({r["test_dataset"] for r in rows}, key=lambda t: list(COLUMN_NAMES).index(t) if t in COLUMN_NAMES else 99)
@@ -116,6 +119,8 @@ def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardwa
         "The target scaler is fitted on each split's training part only.",
         "",
     ]
+    if off_paper:
+        lines[-1:-1] = ["Not the paper's settings: " + ", ".join(f"{k} {v}" for k, v in off_paper.items()) + "."]
     if hardware:
         lines += [hardware, ""]
     for metric, digits in (("mape", 3), ("mape_paper_scale", 3), ("sre", 3), ("log10_mae", 3), ("spearman", 3),

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch_geometric.data import Batch
+
+from megnet_pt.model import collate
 
 from .datasets import LTCDataset
 from .metrics import mape_loss, training_loss
@@ -96,7 +97,7 @@ class PlainStep:
     def step(self, batches: list[np.ndarray]) -> Tensor:
         (idx,) = batches
         self.model.train()
-        batch = Batch.from_data_list([self.graphs[j] for j in idx])
+        batch = collate([self.graphs[j] for j in idx])
         loss = training_loss(self.model(batch), self.y[idx], self.transform.mean, self.transform.std, self.loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -287,6 +287,7 @@ def recipe_section(csv_path: Path, intro: Path | None) -> list[str]:
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"**{r['candidate']}** (chosen)" if r["chosen"] else r["candidate"]
+        name += f" (mean c {r['factor']})" if r.get("factor") else ""
         cells = [f"{float(r[f'val_{m}']):.2f} ({float(r[f'val_{m}_std']):.2f})" for m in ("mape", "sre", "log10_mae",
                                                                                           "spearman", "r2")]
         lines.append(f"| {name} | {r['selection']} | {float(r['inner_mape']):.2f} | " + " | ".join(cells) + " |")

@@ -155,3 +155,27 @@ def test_older_config_without_the_new_settings_is_still_the_paper_protocol(tmp_p
     run.check_config(paper, TrainConfig().to_dict())  # resumable as before
     with pytest.raises(ValueError, match="loss: 'mape' there, 'log10' now"):
         run.check_config(TrainConfig(init="fe", dataset="togo15", loss="log10").to_dict(), TrainConfig().to_dict())
+
+
+def test_the_search_table_marks_the_final_of_the_lowest_inner_mape(tmp_path):
+    """summarise chooses among final models only (best.pt's inner score chose it, so it is biased low)."""
+    import make_results
+
+    rows = []
+    for name, inner_best, inner_final in (("a", 0.1, 0.5), ("b", 0.4, 0.3)):
+        for selection, inner in (("best", inner_best), ("final", inner_final)):
+            for k in recipe_search.SPLITS:
+                metrics = {m: 0.5 + 0.01 * k for m in recipe_search.METRICS}
+                rows.append({"candidate": name, "selection": selection, "split": k}
+                            | {f"inner_{m}": v for m, v in metrics.items()} | {"inner_mape": inner}
+                            | {f"val_{m}": v for m, v in metrics.items()})
+    table = recipe_search.summarise(rows)
+    assert [(r["candidate"], r["selection"]) for r in table if r["chosen"]] == [("b", "final")]
+    assert table[-1]["candidate"].startswith("nested") and table[-1]["inner_mape"] == "0.300"
+    path = tmp_path / "search.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    lines = make_results.recipe_section(path, None)
+    assert any(line.startswith("| **b** (chosen) | final | 0.30 | 0.55 (0.03) |") for line in lines), lines
