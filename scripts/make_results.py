@@ -290,7 +290,8 @@ def recipe_section(csv_path: Path, intro: Path | None) -> list[str]:
         name += f" (mean c {r['factor']})" if r.get("factor") else ""
         cells = [f"{float(r[f'val_{m}']):.2f} ({float(r[f'val_{m}_std']):.2f})" for m in ("mape", "sre", "log10_mae",
                                                                                           "spearman", "r2")]
-        lines.append(f"| {name} | {r['selection']} | {float(r['inner_mape']):.2f} | " + " | ".join(cells) + " |")
+        inner = float(r["inner_mape"])
+        lines.append(f"| {name} | {r['selection']} | {'-' if np.isnan(inner) else f'{inner:.2f}'} | " + " | ".join(cells) + " |")
     return lines + ["", f"Per split: `{csv_path.with_suffix('.splits.csv').as_posix()}`.", ""]
 
 
