@@ -104,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "from training, instead of on the validation part it is scored on (an honest early stopping; the "
                    "AFLOW stage of fe+af/rw+af keeps its own selection). Default folders get a suffix _holdout<H>")
     p.add_argument("--recipe", default="paper", choices=list(RECIPES),
-                   help="paper: the paper's protocol; robust: not in the paper, the most accurate recipe of our search "
-                   f"({', '.join(f'{k}={v}' for k, v in RECIPES['robust'].items())}; docs/results.md), chosen without "
-                   "the validation parts. Default folders get a suffix _<recipe>; the flags below override its settings")
+                   help="paper: the paper's protocol; robust: not in the paper, the recipe our search chose without the "
+                   f"validation parts ({', '.join(f'{k}={v}' for k, v in RECIPES['robust'].items())}; on Togo15 about as "
+                   "accurate as paper, docs/results.md). Default folders get a suffix _<recipe>; the flags below "
+                   "override its settings")
     p.add_argument("--loss", default=None, choices=LOSSES, help="not in the paper: the training loss, mape (MAPE in W/m/K, "
                    "the paper's) or log10 (mean absolute error of log10(LTC + 1)); default: the recipe's")
     p.add_argument("--megnet-lr", type=float, default=None, metavar="LR", help="not in the paper: MEGNet's own learning "

@@ -329,6 +329,9 @@ def main() -> None:
         n_splits = len({r["split"] for r in run["results"]})
         clip = f" --clip-grad-norm {cfg['clip_grad_norm']:g}" if cfg.get("clip_grad_norm") else ""
         clip += f" --select-holdout {cfg['select_holdout']:g}" if cfg.get("select_holdout") else ""
+        clip += f" --loss {cfg['loss']}" if cfg.get("loss", "mape") != "mape" else ""
+        clip += f" --megnet-lr {cfg['megnet_lr']:g}" if cfg.get("megnet_lr") else ""
+        clip += f" --swa-epochs {cfg['swa_epochs']}" if cfg.get("swa_epochs") else ""
         lines += [f"### {run['name']}: `--init {cfg['init']} --dataset {cfg['dataset']}{clip}`, "
                   f"{cfg['epochs']} epochs, {n_splits} splits (`{run['folder'].name}`)", ""]
         lines += run_table(run) + ["", f"Wall time: {wall_time(run)}.", ""] + collapse_line(run)
@@ -340,7 +343,9 @@ def main() -> None:
         write_csv(dest / "curves.csv", [{"split": k, **r} for k, c in run["curves"].items() for r in c])
     lines += same_splits_tables(runs)
     lines += paired_tables(found)
-    steps = [r for r in runs if r["name"] in ("RWTG15", "FETG15", "FEAFTG15")]
+    steps = [r for r in runs if r["name"] in ("RWTG15", "FETG15", "FEAFTG15")
+             and r["config"].get("loss", "mape") == "mape" and not r["config"].get("megnet_lr")
+             and not r["config"].get("swa_epochs")]  # the paper's three steps, not the recipes off it
     if steps:
         plot_steps(steps, data_dir / "fig6_validation_curves.png")
         lines += ["## Validation curves of the three steps (the paper's Fig. 6)", "",

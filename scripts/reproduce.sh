@@ -40,4 +40,5 @@ python scan.py "${PARAISITE_HOME:-$HOME/.cache/paraisite}/data/aflow_agl" --mode
 # docs/results first: the runs kept there (their CSVs, from earlier machines) stay in the tables, and the
 # splits trained here, in runs/, are merged with them split by split (runs/ winning).
 python scripts/make_results.py --runs docs/results runs --scan "scan/aflow_ltc$AF.csv" \
-    --intro docs/results/intro.md --outro docs/results/outro.md
+    --intro docs/results/intro.md --outro docs/results/outro.md \
+    --recipes docs/results/recipe_search.csv --recipes-intro docs/results/recipes.md
