@@ -19,10 +19,12 @@ def mape_loss(y_pred: Tensor, y_true: Tensor, eps: float = 1e-8, mask: Tensor | 
     With ``mask`` (1 for a real entry) and ``count`` (real entries per row) the
     mean is taken per row over the real entries: one MAPE per stacked model.
     """
-    error = (y_true - y_pred).abs() / y_true.abs().clamp(min=eps)
-    if mask is None:
-        return error.mean()
-    return (error * mask).sum(dim=-1) / count
+    return _mean((y_true - y_pred).abs() / y_true.abs().clamp(min=eps), mask, count)
+
+
+def _mean(error: Tensor, mask: Tensor | None, count: Tensor | None) -> Tensor:
+    """The mean of ``error``, or with ``mask`` (1 for a real entry) the mean of each row over its ``count`` real entries."""
+    return error.mean() if mask is None else (error * mask).sum(dim=-1) / count
 
 
 def training_loss(z: Tensor, y_true: Tensor, mean: float | Tensor, std: float | Tensor, loss: str = "mape",
@@ -38,8 +40,7 @@ def training_loss(z: Tensor, y_true: Tensor, mean: float | Tensor, std: float | 
         return mape_loss(inverse_transform(z, mean, std), y_true, mask=mask, count=count)
     if loss != "log10":
         raise ValueError(f"unknown loss {loss!r}: expected one of {', '.join(LOSSES)}")
-    error = (z * std + mean - torch.log10(y_true + 1)).abs()
-    return error.mean() if mask is None else (error * mask).sum(dim=-1) / count
+    return _mean((z * std + mean - torch.log10(y_true + 1)).abs(), mask, count)
 
 
 LOG_FLOOR = 1e-3  # W/m/K: predictions at or below it count as this in log10 (no material conducts less; collapses do)

@@ -78,11 +78,8 @@ def write_reports(run: RunDir, config: TrainConfig, device: torch.device) -> Non
         curves[k] = read_csv(run.curve(k))
     write_csv(run.results(), results)
     write_csv(run.predictions(), predictions)
-    paper = TrainConfig(init=config.init, dataset=config.dataset).to_dict()
-    off_paper = {k: v for k, v in config.to_dict().items()
-                 if k in ("loss", "megnet_lr", "swa_epochs", "clip_grad_norm", "recipe", "lr", "epochs", "batch_size", "seed")
-                 and v != paper[k]}
-    summary = summary_markdown(results, config.init, config.dataset, hardware(device), config.select_holdout, off_paper)
+    summary = summary_markdown(results, config.init, config.dataset, hardware(device), config.select_holdout,
+                               config.off_paper())
     (run.path / "summary.md").write_text(summary + "\n")
     name = paper_name(config.init, config.dataset)
     plot_curves(curves, run.path / "curves.png", f"{name}: MAPE per epoch")

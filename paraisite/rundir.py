@@ -49,10 +49,14 @@ class RunDir:
                loss: str | None = None, megnet_lr: float | None = None, swa_epochs: int | None = None) -> str:
         """``_<recipe>``, ``_clip<C>``, ``_holdout<H>``, ``_<loss>``, ``_megnetlr<L>``, ``_swa<N>``: runs off the
         paper's protocol never share its folders (the settings given are those not already the recipe's)."""
-        return "".join(part for value, part in (
-            (recipe != "paper", f"_{recipe}"), (clip_grad_norm, f"_clip{clip_grad_norm:g}" if clip_grad_norm else ""),
-            (select_holdout, f"_holdout{select_holdout:g}" if select_holdout else ""), (loss, f"_{loss}"),
-            (megnet_lr, f"_megnetlr{megnet_lr:g}" if megnet_lr else ""), (swa_epochs, f"_swa{swa_epochs}")) if value)
+        return "".join([
+            f"_{recipe}" if recipe != "paper" else "",
+            f"_clip{clip_grad_norm:g}" if clip_grad_norm else "",
+            f"_holdout{select_holdout:g}" if select_holdout else "",
+            f"_{loss}" if loss else "",
+            f"_megnetlr{megnet_lr:g}" if megnet_lr else "",
+            f"_swa{swa_epochs}" if swa_epochs else "",
+        ])
 
     @classmethod
     def default(cls, init: str, dataset: str, clip_grad_norm: float | None = None,

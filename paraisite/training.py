@@ -92,6 +92,12 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def off_paper(self) -> dict[str, Any]:
+        """The training settings that are not the paper's (summary.md names them; select_holdout has its own line)."""
+        paper = TrainConfig(init=self.init, dataset=self.dataset).to_dict()
+        keys = {"loss", "megnet_lr", "swa_epochs", "clip_grad_norm", "recipe", "lr", "epochs", "batch_size", "seed"}
+        return {k: v for k, v in self.to_dict().items() if k in keys and v != paper[k]}
+
     def aflow_stage(self) -> "TrainConfig":
         """The run a ``+af`` init starts from: the same settings on AFLOW AGL, with its own selection."""
         return TrainConfig(init=self.init.split("+")[0], dataset="aflow_agl", epochs=self.epochs,

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from paraisite.checkpoint import load_ltc_model  # noqa: E402
 from paraisite.datasets import LTCDataset, load_dataset  # noqa: E402
-from paraisite.metrics import regression_metrics  # noqa: E402
+from paraisite.metrics import LOG_FLOOR, regression_metrics  # noqa: E402
 from paraisite.model import predict  # noqa: E402
 from paraisite.rundir import RunDir  # noqa: E402
 
@@ -87,18 +87,33 @@ def train_missing(root: Path, names: list[str]) -> None:
         train(name, BASE + flags)
 
 
+def predict_parts(run: RunDir, data: LTCDataset, k: int, selection: str, parts: list[np.ndarray]) -> list[np.ndarray]:
+    """The predictions (W/m/K) of split k's ``selection`` model on each of ``parts``, in one pass."""
+    model, transform, _ = load_ltc_model(run.checkpoint(k, selection))
+    out = predict(model, [data.graphs[i] for i in np.concatenate(parts)], transform, torch.device("cpu")).numpy()
+    return np.split(out, np.cumsum([len(p) for p in parts])[:-1])
+
+
 def predictions(run: RunDir, data: LTCDataset, k: int, selection: str) -> tuple[np.ndarray, np.ndarray]:
     """The model's predictions (W/m/K) on H_k and on V_k."""
     _, holdout, val = data.training_parts(k, HOLDOUT)
-    model, transform, _ = load_ltc_model(run.checkpoint(k, selection))
-    out = predict(model, [data.graphs[i] for i in np.concatenate([holdout, val])], transform, torch.device("cpu"))
-    return out[: len(holdout)].numpy(), out[len(holdout):].numpy()
+    inner, validation = predict_parts(run, data, k, selection, [holdout, val])
+    return inner, validation
+
+
+def scored(data: LTCDataset, candidate: str, selection: str, k: int, inner: np.ndarray | None, val: np.ndarray,
+           **extra: float) -> dict:
+    """A row of metrics on H_k (``inner_*``; NaN for a model that trained on H_k, ``inner`` None) and on V_k (``val_*``)."""
+    _, holdout, v = data.training_parts(k, HOLDOUT)
+    row = {"candidate": candidate, "selection": selection, "split": k, **extra}
+    row |= ({f"inner_{m}": x for m, x in regression_metrics(data.ltc[holdout].numpy(), inner).items()}
+            if inner is not None else {f"inner_{m}": float("nan") for m in METRICS})
+    return row | {f"val_{m}": x for m, x in regression_metrics(data.ltc[v].numpy(), val).items()}
 
 
 def score_all(root: Path, data: LTCDataset) -> list[dict]:
     """One row per (candidate, selection, split): metrics on H_k (``inner_*``) and on V_k (``val_*``)."""
     raw: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}
-    rows = []
     for name in CANDIDATES:
         if not all(RunDir(root / name).finished(k) for k in SPLITS):
             continue
@@ -110,15 +125,11 @@ def score_all(root: Path, data: LTCDataset) -> list[dict]:
             for k in SPLITS:
                 if all((m, selection, k) in raw for m in members):  # the geometric mean of the seeds' predictions
                     raw[group, selection, k] = tuple(
-                        10 ** np.mean([np.log10(np.maximum(raw[m, selection, k][part], 1e-3)) for m in members], axis=0)
+                        10 ** np.mean([np.log10(np.maximum(raw[m, selection, k][part], LOG_FLOOR)) for m in members],
+                                      axis=0)
                         for part in (0, 1))
-    for (name, selection, k), (inner, val) in raw.items():
-        _, holdout, v = data.training_parts(k, HOLDOUT)
-        row = {"candidate": name, "selection": selection, "split": k}
-        row |= {f"inner_{m}": x for m, x in regression_metrics(data.ltc[holdout].numpy(), inner).items()}
-        row |= {f"val_{m}": x for m, x in regression_metrics(data.ltc[v].numpy(), val).items()}
-        rows.append(row)
-    return rows + shrunk(rows, raw, data) + refit_rows(root, data)
+    rows = [scored(data, name, selection, k, inner, val) for (name, selection, k), (inner, val) in raw.items()]
+    return rows + shrunk(raw, data) + refit_rows(root, data)
 
 
 def refit_rows(root: Path, data: LTCDataset) -> list[dict]:
@@ -129,13 +140,8 @@ def refit_rows(root: Path, data: LTCDataset) -> list[dict]:
         if not all(run.finished(k) for k in SPLITS):
             continue
         for k in SPLITS:
-            _, v = data.split(k)
-            model, transform, _ = load_ltc_model(run.checkpoint(k, "final"))
-            val = predict(model, [data.graphs[i] for i in v], transform, torch.device("cpu")).numpy()
-            row = {"candidate": f"{name}, trained again on the whole training part", "selection": "final", "split": k}
-            row |= {f"inner_{m}": float("nan") for m in METRICS}
-            row |= {f"val_{m}": x for m, x in regression_metrics(data.ltc[v].numpy(), val).items()}
-            rows.append(row)
+            (val,) = predict_parts(run, data, k, "final", [data.split(k)[1]])
+            rows.append(scored(data, f"{name}, trained again on the whole training part", "final", k, None, val))
     return rows
 
 
@@ -149,20 +155,16 @@ def choose(inner_scores: dict[tuple[str, str, int], float]) -> tuple[tuple[str, 
     return overall, per_split
 
 
-def shrunk(rows: list[dict], raw: dict, data: LTCDataset) -> list[dict]:
+def shrunk(raw: dict, data: LTCDataset) -> list[dict]:
     """Each final candidate's predictions times the c_k (0.3..1.5) of the lowest MAPE on H_k (reported, not chosen)."""
     grid = np.linspace(0.3, 1.5, 121)
     out = []
     for (name, selection, k), (inner, val) in raw.items():
         if selection != "final":
             continue
-        _, holdout, v = data.training_parts(k, HOLDOUT)
-        y = data.ltc[holdout].numpy()
+        y = data.ltc[data.training_parts(k, HOLDOUT)[1]].numpy()
         c = grid[int(np.argmin([np.mean(np.abs(g * inner - y) / y) for g in grid]))]
-        row = {"candidate": f"{name}, shrunk", "selection": "final", "split": k, "factor": c}
-        row |= {f"inner_{m}": x for m, x in regression_metrics(y, c * inner).items()}
-        row |= {f"val_{m}": x for m, x in regression_metrics(data.ltc[v].numpy(), c * val).items()}
-        out.append(row)
+        out.append(scored(data, f"{name}, shrunk", "final", k, c * inner, c * val, factor=c))
     return out
 
 

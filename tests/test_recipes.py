@@ -135,6 +135,8 @@ def test_robust_recipe_has_its_own_folder_and_scan_reads_it(workdir, capsys):
     assert config["recipe"] == "robust"
     assert {k: config[k] for k in RECIPES["robust"]} == RECIPES["robust"]
     assert not (workdir / "runs" / "fe_togo15").exists()
+    summary = (workdir / "runs" / "fe_togo15_robust" / "summary.md").read_text()
+    assert "Not the paper's settings: epochs 2, loss log10, recipe robust." in summary
     # a flag that changes one of the recipe's settings gets a suffix of its own
     assert train_py.main([*args, "--splits", "1,", "--recipe", "robust", "--swa-epochs", "1"]) == 0
     assert (workdir / "runs" / "fe_togo15_robust_swa1" / "split1" / "final.pt").is_file()
