@@ -72,7 +72,10 @@ command resumes it.
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, every flag with its default."""
+    """The description as written, every flag with its default (those without one say what happens in their help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-on", default="", help="also score each split's model on these datasets' validation parts "
                    "of the same seed (comma-separated; the training set is always scored)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--run-dir", default=None, help="run folder (default: runs/<init>_<dataset>, with _clip<C> under "
-                   "--clip-grad-norm and _holdout<H> under --select-holdout)")
+    p.add_argument("--run-dir", default=None, help="run folder (default: runs/<init>_<dataset>, with a suffix for each "
+                   "setting off the paper's protocol: _<recipe>, _clip<C>, _holdout<H>, _log10, _megnetlr<LR>, _swa<N>, "
+                   "_freeze<N>)")
     p.add_argument("--aflow-run", default=None, help="AFLOW-stage run folder for fe+af / rw+af "
                    "(default: runs/fe_aflow_agl or runs/rw_aflow_agl, _clip<C> likewise; trained there first when missing)")
     p.add_argument("--clip-grad-norm", type=float, default=None, metavar="C",
@@ -114,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "rate (the head keeps --lr); default: the recipe's, else --lr")
     p.add_argument("--swa-epochs", type=int, default=None, metavar="N", help="not in the paper: final.pt is the mean of the "
                    "weights after each of the last N epochs (stochastic weight averaging); default: the recipe's, else none")
+    p.add_argument("--freeze-megnet-epochs", type=int, default=None, metavar="N", help="not in the paper: MEGNet's "
+                   "weights stay as they start for the first N epochs, only the head trains; default: the recipe's, else none")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes, checked between epochs "
                    "(the epoch running then is finished and saved first; an AFLOW epoch takes about 16 s on one CPU thread); "
                    "re-run the same command to go on")
@@ -150,13 +156,17 @@ def validate_names(args: argparse.Namespace) -> list[str]:
         raise DatasetError(f"--megnet-lr must be a positive number (got {args.megnet_lr})")
     if args.swa_epochs is not None and not 1 <= args.swa_epochs <= args.epochs:
         raise DatasetError(f"--swa-epochs must be between 1 and --epochs ({args.epochs}) (got {args.swa_epochs})")
+    if args.freeze_megnet_epochs is not None and not 1 <= args.freeze_megnet_epochs <= args.epochs:
+        raise DatasetError(f"--freeze-megnet-epochs must be between 1 and --epochs ({args.epochs}) "
+                           f"(got {args.freeze_megnet_epochs})")
     return tests
 
 
 def recipe_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     """The settings of the run (its recipe's, overridden by flags given) and those of them that are not the recipe's."""
     recipe = RECIPES[args.recipe]
-    given = {key: getattr(args, key) for key in ("clip_grad_norm", "select_holdout", "loss", "megnet_lr", "swa_epochs")
+    given = {key: getattr(args, key) for key in ("clip_grad_norm", "select_holdout", "loss", "megnet_lr", "swa_epochs",
+                                                "freeze_megnet_epochs")
              if getattr(args, key) is not None}
     return recipe | given, {key: v for key, v in given.items() if recipe.get(key) != v}
 

@@ -46,8 +46,9 @@ class RunDir:
 
     @staticmethod
     def suffix(clip_grad_norm: float | None = None, select_holdout: float | None = None, *, recipe: str = "paper",
-               loss: str | None = None, megnet_lr: float | None = None, swa_epochs: int | None = None) -> str:
-        """``_<recipe>``, ``_clip<C>``, ``_holdout<H>``, ``_<loss>``, ``_megnetlr<L>``, ``_swa<N>``: runs off the
+               loss: str | None = None, megnet_lr: float | None = None, swa_epochs: int | None = None,
+               freeze_megnet_epochs: int | None = None) -> str:
+        """``_<recipe>``, ``_clip<C>``, ``_holdout<H>``, ``_<loss>``, ``_megnetlr<L>``, ``_swa<N>``, ``_freeze<N>``: runs off the
         paper's protocol never share its folders (the settings given are those not already the recipe's)."""
         return "".join([
             f"_{recipe}" if recipe != "paper" else "",
@@ -56,6 +57,7 @@ class RunDir:
             f"_{loss}" if loss else "",
             f"_megnetlr{megnet_lr:g}" if megnet_lr else "",
             f"_swa{swa_epochs}" if swa_epochs else "",
+            f"_freeze{freeze_megnet_epochs}" if freeze_megnet_epochs else "",
         ])
 
     @classmethod

@@ -7,6 +7,7 @@ next batch of every member (one member per split) and asks a stepper:
                         each member's graphs, ``[M]`` float64 (the loop divides by the epoch's count)
     losses(parts)       every member's MAPE on its own part (validation or selection), W/m/K
     member(m)           member m as a ``ParAIsite`` with its current weights (to save or score it)
+    freeze_megnet(f)    while f, MEGNet's parameters take no gradient and no Adam step (the head trains alone)
     state(), load_state(members, param_groups)
                         the resume state of each member, its weights and Adam moments: one format
                         whatever the stepper, so a state written by one is read by the other
@@ -14,7 +15,7 @@ next batch of every member (one member per split) and asks a stepper:
 :class:`PlainStep` trains one model on a PyG ``Batch``; :class:`StackedStep`
 trains M models stacked into one (:mod:`paraisite.stacked`) on padded batches,
 on CUDA replaying each step as a CUDA graph. Both use fused Adam (MEGNet at
-its own learning rate with ``megnet_lr``), the loss ``loss``
+its own learning rate with ``megnet_lr``; frozen by ``freeze_megnet``), the loss ``loss``
 (:func:`paraisite.metrics.training_loss`), and clip each member's gradient on
 its own when ``clip_grad_norm`` is set.
 """
@@ -50,6 +51,13 @@ def adam(named: list[tuple[str, Tensor]], lr: float, megnet_lr: float | None = N
     # fused: one kernel over all parameter tensors instead of a Python loop (3x faster step on a CPU);
     # Adam is elementwise, so on stacked tensors it is M independent Adams
     return torch.optim.Adam(groups, lr=lr, eps=1e-8, fused=True)
+
+
+def _set_megnet_trainable(named: list[tuple[str, Tensor]], trainable: bool) -> None:
+    """Switch MEGNet's gradients on or off: with none, fused Adam skips a parameter (no moment, no step count)."""
+    for name, p in named:
+        if name.startswith("megnet."):
+            p.requires_grad_(trainable)
 
 
 def _param_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -113,6 +121,9 @@ class PlainStep:
     def member(self, m: int) -> ParAIsite:
         return self.model
 
+    def freeze_megnet(self, frozen: bool) -> None:
+        _set_megnet_trainable(list(zip(self.names, self.params)), not frozen)
+
     def state(self) -> tuple[list[MemberState], dict[str, Any]]:
         adam_state = [self.optimizer.state[p] for p in self.params]
         return [{"model": self.model.state_dict(), "adam": dict(zip(self.names, adam_state))}], _param_groups(self.optimizer)
@@ -141,10 +152,11 @@ class StackedStep:
         graphed = cuda_graphs and device.type == "cuda"
         self.shapes = padded_shapes(self.packed, batch_size) if graphed else None
         self.graphed = CUDAGraphStep(self.net, self.mean, self.std, loss) if graphed else None
+        self.frozen = False
 
     def step(self, batches: list[np.ndarray]) -> Tensor:
         x = pad_batches(self.packed, batches, self.shapes)
-        if self.graphed is not None:
+        if self.graphed is not None and not self.frozen:  # the graphs were recorded with MEGNet's gradients
             losses = self.graphed(self.optimizer, x, self.clip_grad_norm)
         else:
             losses = train_step(self.net, self.optimizer, x, self.mean, self.std, self.clip_grad_norm, self.loss)
@@ -160,6 +172,10 @@ class StackedStep:
 
     def member(self, m: int) -> ParAIsite:
         return self.net.load_into(m, self.models[m])
+
+    def freeze_megnet(self, frozen: bool) -> None:
+        self.frozen = frozen
+        _set_megnet_trainable([(n, self.net.params[n]) for n in self.names], not frozen)
 
     def state(self) -> tuple[list[MemberState], dict[str, Any]]:
         params = [self.net.params[n] for n in self.names]

@@ -286,7 +286,8 @@ def recipe_section(csv_path: Path, intro: Path | None) -> list[str]:
     lines += ["| candidate | selection | inner hold-out MAPE | MAPE | SRE | MAE of log10 | Spearman | R² |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = f"**{r['candidate']}** (chosen)" if r["chosen"] else r["candidate"]
+        name = {"overall": f"**{r['candidate']}** (chosen)", "replicate": f"{r['candidate']} (a seed of a candidate, not "
+                "one)"}.get(r["chosen"], r["candidate"])
         name += f" (mean c {r['factor']})" if r.get("factor") else ""
         cells = [f"{float(r[f'val_{m}']):.2f} ({float(r[f'val_{m}_std']):.2f})" for m in ("mape", "sre", "log10_mae",
                                                                                           "spearman", "r2")]
@@ -332,6 +333,7 @@ def main() -> None:
         clip += f" --loss {cfg['loss']}" if cfg.get("loss", "mape") != "mape" else ""
         clip += f" --megnet-lr {cfg['megnet_lr']:g}" if cfg.get("megnet_lr") else ""
         clip += f" --swa-epochs {cfg['swa_epochs']}" if cfg.get("swa_epochs") else ""
+        clip += f" --freeze-megnet-epochs {cfg['freeze_megnet_epochs']}" if cfg.get("freeze_megnet_epochs") else ""
         lines += [f"### {run['name']}: `--init {cfg['init']} --dataset {cfg['dataset']}{clip}`, "
                   f"{cfg['epochs']} epochs, {n_splits} splits (`{run['folder'].name}`)", ""]
         lines += run_table(run) + ["", f"Wall time: {wall_time(run)}.", ""] + collapse_line(run)
@@ -345,7 +347,7 @@ def main() -> None:
     lines += paired_tables(found)
     steps = [r for r in runs if r["name"] in ("RWTG15", "FETG15", "FEAFTG15")
              and r["config"].get("loss", "mape") == "mape" and not r["config"].get("megnet_lr")
-             and not r["config"].get("swa_epochs")]  # the paper's three steps, not the recipes off it
+             and not r["config"].get("swa_epochs") and not r["config"].get("freeze_megnet_epochs")]  # the paper's three steps, not the recipes off it
     if steps:
         plot_steps(steps, data_dir / "fig6_validation_curves.png")
         lines += ["## Validation curves of the three steps (the paper's Fig. 6)", "",

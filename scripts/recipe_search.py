@@ -2,20 +2,23 @@
 
     python scripts/recipe_search.py --root runs/recipe_search --train      # trains what is missing (about 10 min each)
     python scripts/recipe_search.py --root runs/recipe_search --out docs/results/recipe_search.csv
+    python scripts/recipe_search.py --root runs/more --keep docs/results/recipe_search.splits.csv --out ...   # adds to it
 
 Every candidate is ``train.py --init fe --dataset togo15 --select-holdout 0.2`` plus its own flags: each
 split k trains on 80 % of its training part T_k and keeps the other 20 % (the inner hold-out H_k, drawn
 from T_k alone) to choose best.pt. Each model (best and final, and the mean of several seeds' predictions)
 is scored on H_k and on the validation part V_k. Choices are made on H_k only, among the final models
-(best.pt was chosen on H_k, so its score there is biased low; it is reported, not chosen):
+(best.pt was chosen on H_k, so its score there is biased low; it is reported, not chosen), and not among
+the seed replicates (a recipe run again with another seed is the same recipe, REPLICATES):
 
 - per split, the candidate of the lowest MAPE on H_k: the "nested" row, whose V_k scores are what the
   whole search, recipe choice included, honestly gets;
-- the recipe train.py calls robust: the candidate of the lowest mean MAPE on H_k over the splits (H_k of
-  one split can hold validation materials of another, so this one choice is honest per split only
-  through the nested row, which agrees with it or not: both are printed);
-- that candidate is then trained again on the whole of each T_k (REFITS, ``--only refit/<name>``) and its
-  final models scored on V_k: the numbers of ``train.py --recipe robust``.
+- overall, the candidate of the lowest mean MAPE on H_k over the splits (H_k of one split can hold
+  validation materials of another, so this one choice is honest per split only through the nested
+  row, which agrees with it or not: both are printed);
+- that candidate is then trained again on the whole of each T_k (REFITS, ``--only refit/<name>``, each
+  seed of a seed group) and its final models scored on V_k; its single-seed recipe is what
+  ``train.py --recipe robust`` trains.
 
 A "shrunk" row per candidate multiplies its final predictions by the factor c_k that minimises the MAPE
 on H_k: MAPE rewards predicting low (for a log-normal error of width s it is minimised by the median
@@ -57,14 +60,22 @@ CANDIDATES: dict[str, list[str]] = {
     "log10_seed44": ["--loss", "log10", "--seed", "44"],
     "log10_clip10": ["--loss", "log10", "--clip-grad-norm", "10"],
     "mape_megnetlr1e-4": ["--megnet-lr", "1e-4"],
+    "log10_freeze50": ["--loss", "log10", "--freeze-megnet-epochs", "50"],
 }
-# the chosen candidate trained again on the whole of each training part (no inner hold-out): what --recipe robust runs
-REFITS: dict[str, list[str]] = {"log10": ["--init", "fe", "--dataset", "togo15", "--loss", "log10"]}
+# the chosen candidate trained again on the whole of each training part (no inner hold-out), each of its seeds;
+# "log10" (seed 42) is what --recipe robust runs
+REFITS: dict[str, list[str]] = {
+    "log10": ["--init", "fe", "--dataset", "togo15", "--loss", "log10"],
+    "log10_seed43": ["--init", "fe", "--dataset", "togo15", "--loss", "log10", "--seed", "43"],
+    "log10_seed44": ["--init", "fe", "--dataset", "togo15", "--loss", "log10", "--seed", "44"],
+}
 # AFLOW stages the +af candidates start from: 30 epochs (the 300 of the paper take hours on a CPU), clipped
 AFLOW_STAGES: dict[str, list[str]] = {
     "fe_aflow_agl_clip10_e30": ["--init", "fe", "--dataset", "aflow_agl", "--epochs", "30", "--clip-grad-norm", "10"],
 }
 SEED_GROUPS: dict[str, list[str]] = {"log10_3seeds": ["log10", "log10_seed43", "log10_seed44"]}
+# a group's other seeds are the first's recipe run again: reported (the spread a seed alone makes), never chosen
+REPLICATES = {m for members in SEED_GROUPS.values() for m in members[1:]}
 METRICS = ("mape", "sre", "log10_mae", "spearman", "r2", "mae")
 
 
@@ -123,26 +134,31 @@ def score_all(root: Path, data: LTCDataset) -> list[dict]:
     for group, members in SEED_GROUPS.items():
         for selection in ("best", "final"):
             for k in SPLITS:
-                if all((m, selection, k) in raw for m in members):  # the geometric mean of the seeds' predictions
-                    raw[group, selection, k] = tuple(
-                        10 ** np.mean([np.log10(np.maximum(raw[m, selection, k][part], LOG_FLOOR)) for m in members],
-                                      axis=0)
-                        for part in (0, 1))
+                if all((m, selection, k) in raw for m in members):
+                    raw[group, selection, k] = tuple(geometric_mean([raw[m, selection, k][part] for m in members])
+                                                     for part in (0, 1))
     rows = [scored(data, name, selection, k, inner, val) for (name, selection, k), (inner, val) in raw.items()]
     return rows + shrunk(raw, data) + refit_rows(root, data)
 
 
+def geometric_mean(predictions: list[np.ndarray]) -> np.ndarray:
+    """The seeds' predictions averaged in log10 (each floored at LOG_FLOOR): the error is about a factor, not a sum."""
+    return 10 ** np.mean([np.log10(np.maximum(p, LOG_FLOOR)) for p in predictions], axis=0)
+
+
 def refit_rows(root: Path, data: LTCDataset) -> list[dict]:
-    """The final models of each refit on V_k (trained on all of T_k, so nothing is left to score them on inside it)."""
-    rows = []
+    """The final models of each refit (and of each seed group of refits) on V_k: trained on all of T_k, nothing is
+    left inside it to score them on."""
+    val: dict[str, dict[int, np.ndarray]] = {}
     for name in REFITS:
         run = RunDir(root / "refit" / name)
-        if not all(run.finished(k) for k in SPLITS):
-            continue
-        for k in SPLITS:
-            (val,) = predict_parts(run, data, k, "final", [data.split(k)[1]])
-            rows.append(scored(data, f"{name}, trained again on the whole training part", "final", k, None, val))
-    return rows
+        if all(run.finished(k) for k in SPLITS):
+            val[name] = {k: predict_parts(run, data, k, "final", [data.split(k)[1]])[0] for k in SPLITS}
+    for group, members in SEED_GROUPS.items():
+        if all(m in val for m in members):
+            val[group] = {k: geometric_mean([val[m][k] for m in members]) for k in SPLITS}
+    return [scored(data, f"{name}, trained again on the whole training part", "final", k, None, v)
+            for name, per_split in val.items() for k, v in per_split.items()]
 
 
 def choose(inner_scores: dict[tuple[str, str, int], float]) -> tuple[tuple[str, str], dict[int, tuple[str, str]]]:
@@ -171,13 +187,15 @@ def shrunk(raw: dict, data: LTCDataset) -> list[dict]:
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean (std over splits) of every candidate, then the nested row; the overall choice is marked."""
     eligible = {(r["candidate"], r["selection"], r["split"]): r["inner_mape"] for r in rows
-                if r["selection"] == "final" and "factor" not in r and not np.isnan(r["inner_mape"])}
+                if r["selection"] == "final" and "factor" not in r and not np.isnan(r["inner_mape"])
+                and r["candidate"] not in REPLICATES}
     overall, per_split = choose(eligible)
     by = {(r["candidate"], r["selection"], r["split"]): r for r in rows}
     table = []
     for c, s in sorted({(r["candidate"], r["selection"]) for r in rows}):
         chosen = [by[c, s, k] for k in SPLITS if (c, s, k) in by]
-        table.append({"candidate": c, "selection": s, "chosen": "overall" if (c, s) == overall else "",
+        table.append({"candidate": c, "selection": s,
+                      "chosen": "overall" if (c, s) == overall else "replicate" if c in REPLICATES else "",
                       "n_splits": len(chosen)} | aggregate(chosen)
                      | ({"factor": f"{np.mean([r['factor'] for r in chosen]):.2f}"} if "factor" in chosen[0] else {}))
     nested = [by[(*per_split[k], k)] for k in SPLITS]
@@ -197,11 +215,21 @@ def aggregate(rows: list[dict]) -> dict[str, str]:
     return out
 
 
+def kept_rows(path: Path, scored_here: set[str]) -> list[dict]:
+    """The per-split rows of an earlier search (its ``.splits.csv``) of the candidates not scored here."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["candidate"] not in scored_here]
+    return [{k: (v if k in ("candidate", "selection") else int(v) if k == "split" else float(v))
+             for k, v in r.items() if v != ""} for r in rows]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="runs/recipe_search", help="folder of the candidates' run folders")
     p.add_argument("--train", action="store_true", help="train the candidates that are missing first")
     p.add_argument("--only", default=None, help="with --train: these candidates (comma-separated)")
+    p.add_argument("--keep", default=None, help="an earlier search's per-split rows (.splits.csv): its candidates that "
+                   "have no runs under --root are kept as they were scored (training is deterministic on a CPU)")
     p.add_argument("--out", default=None, help="write the table here (CSV), and the per-split rows beside it")
     args = p.parse_args()
     root = Path(args.root)
@@ -209,6 +237,8 @@ def main() -> None:
         train_missing(root, args.only.split(",") if args.only else list(CANDIDATES))
     data = load_dataset("togo15")
     rows = score_all(root, data)
+    if args.keep:
+        rows += kept_rows(Path(args.keep), {r["candidate"] for r in rows})
     table = summarise(rows)
     for r in table:
         print(f"{r['candidate']:<40} {r['selection']:<6} {r['chosen']:<8} inner MAPE {r['inner_mape']} | V: MAPE "

@@ -1,4 +1,4 @@
-"""Settings off the paper's protocol: the log10 loss, MEGNet's own learning rate, SWA, recipes and their search."""
+"""Settings off the paper's protocol: the log10 loss, MEGNet's own learning rate, SWA, freezing MEGNet, recipes and their search."""
 import copy
 import csv
 import json
@@ -85,6 +85,24 @@ def test_swa_final_is_the_mean_of_the_weights_of_the_last_epochs(workdir, togo15
     assert moved > 10  # the two epochs' weights differ, so the mean is not one of them
 
 
+def test_freeze_megnet_trains_the_head_alone_for_the_first_epochs(workdir, togo15):
+    """After 2 frozen epochs MEGNet's weights are those it started from and the head's moved; after a third they move."""
+    start = initial_model(TrainConfig(init="rw"), 1).state_dict()
+    weights = {}
+    for epochs in (2, 3):
+        run = RunDir(workdir / "runs" / f"freeze_e{epochs}")
+        config = TrainConfig(init="rw", dataset="togo15", epochs=epochs, freeze_megnet_epochs=2)
+        assert train(togo15, [1], config, run, CPU, progress=False)
+        weights[epochs] = final_weights(run)
+    megnet = [k for k in start if k.startswith("megnet.") and start[k].is_floating_point()]
+    head = [k for k in start if k.startswith("head.")]
+    assert megnet and head
+    assert all(torch.equal(weights[2][k], start[k]) for k in megnet)
+    assert not any(torch.equal(weights[2][k], start[k]) for k in head)
+    assert sum(not torch.equal(weights[3][k], start[k]) for k in megnet) > 10
+    assert RunDir.suffix(freeze_megnet_epochs=50) == "_freeze50"
+
+
 def inner_scores(root: Path, data, candidates: list[str]) -> dict:
     scores = {}
     for name in candidates:
@@ -160,11 +178,12 @@ def test_older_config_without_the_new_settings_is_still_the_paper_protocol(tmp_p
 
 
 def test_the_search_table_marks_the_final_of_the_lowest_inner_mape(tmp_path):
-    """summarise chooses among final models only (best.pt's inner score chose it, so it is biased low)."""
+    """summarise chooses among final models only (best.pt's inner score chose it, so it is biased low), no replicate."""
     import make_results
 
     rows = []
-    for name, inner_best, inner_final in (("a", 0.1, 0.5), ("b", 0.4, 0.3)):
+    replicate = sorted(recipe_search.REPLICATES)[0]  # another seed of a recipe: lowest here, and still not chosen
+    for name, inner_best, inner_final in (("a", 0.1, 0.5), ("b", 0.4, 0.3), (replicate, 0.1, 0.2)):
         for selection, inner in (("best", inner_best), ("final", inner_final)):
             for k in recipe_search.SPLITS:
                 metrics = {m: 0.5 + 0.01 * k for m in recipe_search.METRICS}
@@ -172,7 +191,8 @@ def test_the_search_table_marks_the_final_of_the_lowest_inner_mape(tmp_path):
                             | {f"inner_{m}": v for m, v in metrics.items()} | {"inner_mape": inner}
                             | {f"val_{m}": v for m, v in metrics.items()})
     table = recipe_search.summarise(rows)
-    assert [(r["candidate"], r["selection"]) for r in table if r["chosen"]] == [("b", "final")]
+    assert [(r["candidate"], r["selection"]) for r in table if r["chosen"] == "overall"] == [("b", "final")]
+    assert {r["chosen"] for r in table if r["candidate"] == replicate} == {"replicate"}
     assert table[-1]["candidate"].startswith("nested") and table[-1]["inner_mape"] == "0.300"
     path = tmp_path / "search.csv"
     with open(path, "w", newline="") as f:

@@ -169,6 +169,21 @@ def test_select_holdout_ensemble_matches_the_sequential_path(runs, workdir):
         assert checkpoint(workdir / "ens_holdout", k, "best")["epoch"] == checkpoint(workdir / "seq_holdout", k, "best")["epoch"]
 
 
+def test_frozen_megnet_ensemble_matches_the_sequential_path(runs, workdir):
+    data = runs[0]
+    config = TrainConfig(init="rw", dataset="togo15", epochs=2, freeze_megnet_epochs=1)
+    assert train(data, SPLITS, config, RunDir(workdir / "seq_freeze"), CPU, progress=False)
+    assert train(data, SPLITS, config, RunDir(workdir / "ens_freeze"), CPU, stacked=True, progress=False)
+    for k in SPLITS:
+        for ra, rb in zip(curve(workdir / "seq_freeze", k), curve(workdir / "ens_freeze", k)):
+            for column in ("train_loss", "val_loss"):
+                assert float(rb[column]) == pytest.approx(float(ra[column]), rel=1e-5), (k, ra["epoch"], column)
+        wa = checkpoint(workdir / "seq_freeze", k, "best")["state_dict"]
+        wb = checkpoint(workdir / "ens_freeze", k, "best")["state_dict"]
+        for name, value in wa.items():
+            torch.testing.assert_close(wb[name], value, rtol=1e-4, atol=1e-5, msg=f"split {k} {name}")
+
+
 def test_vectorised_validation_matches_the_plain_one(runs):
     data = runs[0]
     config = TrainConfig(init="rw", dataset="togo15")
