@@ -138,50 +138,46 @@ def test_clip_members_clips_each_member_as_clip_grad_norm_would():
             torch.testing.assert_close(q.grad[m], p.grad)
 
 
-def test_clipped_ensemble_matches_the_clipped_sequential_path(runs, workdir):
-    data, seq, _ = runs
-    clipped = TrainConfig(init="rw", dataset="togo15", epochs=2, clip_grad_norm=0.5)
-    assert train(data, SPLITS, clipped, RunDir(workdir / "seq_clip"), CPU, progress=False)
-    assert train(data, SPLITS, clipped, RunDir(workdir / "ens_clip"), CPU, stacked=True, progress=False)
+def train_both_ways(data, config: TrainConfig, workdir: Path, name: str) -> tuple[Path, Path]:
+    """The splits trained with ``config`` one by one and stacked: (sequential run folder, stacked run folder)."""
+    seq, ens = workdir / f"seq_{name}", workdir / f"ens_{name}"
+    assert train(data, SPLITS, config, RunDir(seq), CPU, progress=False)
+    assert train(data, SPLITS, config, RunDir(ens), CPU, stacked=True, progress=False)
+    return seq, ens
+
+
+def assert_same_training(seq: Path, ens: Path, columns: tuple[str, ...], selection: str) -> None:
+    """The same curves (to 1e-5) and the same ``selection`` weights (to round-off) for every split."""
     for k in SPLITS:
-        a, b, plain = curve(workdir / "seq_clip", k), curve(workdir / "ens_clip", k), curve(seq, k)
+        a, b = curve(seq, k), curve(ens, k)
+        assert len(a) == len(b)
         for ra, rb in zip(a, b):
-            for column in ("train_loss", "val_loss"):
+            for column in columns:
                 assert float(rb[column]) == pytest.approx(float(ra[column]), rel=1e-5), (k, ra["epoch"], column)
-        assert float(a[1]["val_loss"]) != pytest.approx(float(plain[1]["val_loss"]), rel=1e-3)  # clipping changed training
-        wa = checkpoint(workdir / "seq_clip", k, "final")["state_dict"]
-        wb = checkpoint(workdir / "ens_clip", k, "final")["state_dict"]
-        for name, value in wa.items():
-            torch.testing.assert_close(wb[name], value, rtol=1e-4, atol=1e-5, msg=f"split {k} {name}")
+        wa, wb = checkpoint(seq, k, selection), checkpoint(ens, k, selection)
+        assert wa["epoch"] == wb["epoch"]
+        for name, value in wa["state_dict"].items():
+            torch.testing.assert_close(wb["state_dict"][name], value, rtol=1e-4, atol=1e-5, msg=f"split {k} {name}")
+
+
+def test_clipped_ensemble_matches_the_clipped_sequential_path(runs, workdir):
+    data, plain, _ = runs
+    seq, ens = train_both_ways(data, TrainConfig(init="rw", dataset="togo15", epochs=2, clip_grad_norm=0.5), workdir, "clip")
+    assert_same_training(seq, ens, ("train_loss", "val_loss"), "final")
+    for k in SPLITS:  # clipping changed training
+        assert float(curve(seq, k)[1]["val_loss"]) != pytest.approx(float(curve(plain, k)[1]["val_loss"]), rel=1e-3)
 
 
 def test_select_holdout_ensemble_matches_the_sequential_path(runs, workdir):
-    data = runs[0]
-    config = TrainConfig(init="rw", dataset="togo15", epochs=3, select_holdout=0.2)
-    assert train(data, SPLITS, config, RunDir(workdir / "seq_holdout"), CPU, progress=False)
-    assert train(data, SPLITS, config, RunDir(workdir / "ens_holdout"), CPU, stacked=True, progress=False)
-    for k in SPLITS:
-        a, b = curve(workdir / "seq_holdout", k), curve(workdir / "ens_holdout", k)
-        assert len(a) == len(b) == 3
-        for ra, rb in zip(a, b):
-            for column in ("train_loss", "val_loss", "select_loss"):
-                assert float(rb[column]) == pytest.approx(float(ra[column]), rel=1e-5), (k, ra["epoch"], column)
-        assert checkpoint(workdir / "ens_holdout", k, "best")["epoch"] == checkpoint(workdir / "seq_holdout", k, "best")["epoch"]
+    seq, ens = train_both_ways(runs[0], TrainConfig(init="rw", dataset="togo15", epochs=3, select_holdout=0.2), workdir,
+                               "holdout")
+    assert_same_training(seq, ens, ("train_loss", "val_loss", "select_loss"), "best")
 
 
 def test_frozen_megnet_ensemble_matches_the_sequential_path(runs, workdir):
-    data = runs[0]
-    config = TrainConfig(init="rw", dataset="togo15", epochs=2, freeze_megnet_epochs=1)
-    assert train(data, SPLITS, config, RunDir(workdir / "seq_freeze"), CPU, progress=False)
-    assert train(data, SPLITS, config, RunDir(workdir / "ens_freeze"), CPU, stacked=True, progress=False)
-    for k in SPLITS:
-        for ra, rb in zip(curve(workdir / "seq_freeze", k), curve(workdir / "ens_freeze", k)):
-            for column in ("train_loss", "val_loss"):
-                assert float(rb[column]) == pytest.approx(float(ra[column]), rel=1e-5), (k, ra["epoch"], column)
-        wa = checkpoint(workdir / "seq_freeze", k, "best")["state_dict"]
-        wb = checkpoint(workdir / "ens_freeze", k, "best")["state_dict"]
-        for name, value in wa.items():
-            torch.testing.assert_close(wb[name], value, rtol=1e-4, atol=1e-5, msg=f"split {k} {name}")
+    seq, ens = train_both_ways(runs[0], TrainConfig(init="rw", dataset="togo15", epochs=2, freeze_megnet_epochs=1),
+                               workdir, "freeze")
+    assert_same_training(seq, ens, ("train_loss", "val_loss"), "best")
 
 
 def test_vectorised_validation_matches_the_plain_one(runs):
