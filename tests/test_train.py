@@ -296,7 +296,9 @@ def test_scaler_is_fitted_on_training_part_only(workdir):
     ((), 15, 1),  # epoch 1 is 10 training steps; die inside epoch 2
     # two parameter groups and the SWA sums in the state: die inside epoch 3, after epoch 2 was summed
     (("--loss", "log10", "--megnet-lr", "1e-4", "--swa-epochs", "2"), 25, 2),
-], ids=["paper", "log10_megnetlr_swa"])
+    # MEGNet frozen in the two saved epochs, so its Adam state is empty in the state: die inside epoch 3
+    (("--freeze-megnet-epochs", "2"), 25, 2),
+], ids=["paper", "log10_megnetlr_swa", "freeze"])
 def test_resume_after_kill_gives_the_same_weights(workdir, monkeypatch, extra, kill_at, saved_epochs):
     args = ("--init", "fe", "--dataset", "togo15", "--epochs", "3", "--splits", "1", *extra)
     name = "_".join(extra).replace("-", "") or "paper"
@@ -318,6 +320,9 @@ def test_resume_after_kill_gives_the_same_weights(workdir, monkeypatch, extra, k
     state = torch.load(workdir / "runs" / f"killed_{name}" / "state_1.pt", weights_only=True)
     assert len(state["curves"][1]) == saved_epochs
     assert len(state["param_groups"]) == (2 if "--megnet-lr" in extra else 1)
+    if "--freeze-megnet-epochs" in extra:  # the case this resumes from: no Adam state for MEGNet yet
+        adam_state = state["members"][0]["adam"]
+        assert all(not adam_state[n] for n in adam_state if n.startswith("megnet.")) and adam_state["head.0.weight"]
     assert run_train(*args, "--run-dir", f"runs/killed_{name}") == 0
     a = weights(workdir / "runs" / f"straight_{name}" / "split1" / "final.pt")
     b = weights(workdir / "runs" / f"killed_{name}" / "split1" / "final.pt")
