@@ -30,7 +30,7 @@ from paraisite.protocol import (Plan, check_given_aflow_run, describe_job, descr
                                 run_protocol)
 from paraisite.rundir import RunDir
 from paraisite.metrics import LOSSES
-from paraisite.training import INITS, RECIPES, TrainConfig
+from paraisite.training import INITS, RECIPE_SETTINGS, RECIPES, TrainConfig
 
 
 def parse_splits(text: str) -> list[int]:
@@ -165,9 +165,7 @@ def validate_names(args: argparse.Namespace) -> list[str]:
 def recipe_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     """The settings of the run (its recipe's, overridden by flags given) and those of them that are not the recipe's."""
     recipe = RECIPES[args.recipe]
-    given = {key: getattr(args, key) for key in ("clip_grad_norm", "select_holdout", "loss", "megnet_lr", "swa_epochs",
-                                                "freeze_megnet_epochs")
-             if getattr(args, key) is not None}
+    given = {key: getattr(args, key) for key in RECIPE_SETTINGS if getattr(args, key) is not None}
     return recipe | given, {key: v for key, v in given.items() if recipe.get(key) != v}
 
 

@@ -66,6 +66,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
     "robust": {"loss": "log10"},
 }
+# the TrainConfig fields a recipe may set and a train.py flag of the same name overrides
+RECIPE_SETTINGS = ("clip_grad_norm", "select_holdout", "loss", "megnet_lr", "swa_epochs", "freeze_megnet_epochs")
 
 
 class TrainingDiverged(RuntimeError):
@@ -98,7 +100,7 @@ class TrainConfig:
     def off_paper(self) -> dict[str, Any]:
         """The training settings that are not the paper's (summary.md names them; select_holdout has its own line)."""
         paper = TrainConfig(init=self.init, dataset=self.dataset).to_dict()
-        keys = {"loss", "megnet_lr", "swa_epochs", "freeze_megnet_epochs", "clip_grad_norm", "recipe", "lr", "epochs", "batch_size", "seed"}
+        keys = {*RECIPE_SETTINGS, "recipe", "lr", "epochs", "batch_size", "seed"} - {"select_holdout"}
         return {k: v for k, v in self.to_dict().items() if k in keys and v != paper[k]}
 
     def aflow_stage(self) -> "TrainConfig":

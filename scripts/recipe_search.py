@@ -1,6 +1,6 @@
 """The recipe search of docs/results.md: every candidate trained, chosen on inner hold-outs only, scored once.
 
-    python scripts/recipe_search.py --root runs/recipe_search --train      # trains what is missing (about 10 min each)
+    python scripts/recipe_search.py --root runs/recipe_search --train      # trains what is missing (about 6 min each here)
     python scripts/recipe_search.py --root runs/recipe_search --out docs/results/recipe_search.csv
     python scripts/recipe_search.py --root runs/more --keep docs/results/recipe_search.splits.csv --out ...   # adds to it
 
@@ -226,15 +226,16 @@ def kept_rows(path: Path, scored_here: set[str]) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="runs/recipe_search", help="folder of the candidates' run folders")
-    p.add_argument("--train", action="store_true", help="train the candidates that are missing first")
-    p.add_argument("--only", default=None, help="with --train: these candidates (comma-separated)")
+    p.add_argument("--train", action="store_true", help="train the candidates and refits that are missing first")
+    p.add_argument("--only", default=None, help="with --train: these candidates (comma-separated; refit/<name> for a "
+                   "refit)")
     p.add_argument("--keep", default=None, help="an earlier search's per-split rows (.splits.csv): its candidates that "
                    "have no runs under --root are kept as they were scored (training is deterministic on a CPU)")
     p.add_argument("--out", default=None, help="write the table here (CSV), and the per-split rows beside it")
     args = p.parse_args()
     root = Path(args.root)
     if args.train:
-        train_missing(root, args.only.split(",") if args.only else list(CANDIDATES))
+        train_missing(root, args.only.split(",") if args.only else [*CANDIDATES, *(f"refit/{n}" for n in REFITS)])
     data = load_dataset("togo15")
     rows = score_all(root, data)
     if args.keep:
