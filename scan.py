@@ -25,16 +25,16 @@ from megnet_pt.cache import CacheError, GraphCache, default_cache_path, ensure_c
 from megnet_pt.cache.workers import cpu_cores
 from megnet_pt.checkpoint import CheckpointError
 from megnet_pt.elements import ELEMENTS
-from paraisite.ensemble import load_ensemble
-from paraisite.fused import FusedEform
+from paraisite.screening.ensemble import load_ensemble
+from paraisite.screening.fused import FusedEform
 from paraisite.model import published_megnet
-from paraisite.paths import use_base_url
-from paraisite.processes import distributed, process_device
-from paraisite.report import paper_name
-from paraisite.rundir import SELECTIONS
-from paraisite.scan_files import ScanError, record_run
-from paraisite.scan_summary import summarize, write_summary
-from paraisite.screening import ScanSettings, run_scan, training_domain
+from paraisite.data.paths import use_base_url
+from paraisite.training.processes import distributed, process_device
+from paraisite.evaluation.report import paper_name
+from paraisite.training.rundir import SELECTIONS
+from paraisite.screening.files import ScanError, record_run
+from paraisite.screening.summary import summarize, write_summary
+from paraisite.screening.scan import ScanSettings, run_scan, training_domain
 
 DEFAULT_MODELS = "runs/fe+af_togo15"
 

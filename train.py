@@ -22,15 +22,15 @@ import time
 from pathlib import Path
 
 from megnet_pt.checkpoint import CheckpointError
-from paraisite.datasets import NAMES, DatasetError
-from paraisite.paths import use_base_url
-from paraisite.job_clock import JobClock
-from paraisite.processes import barrier, cpu_cores, cpu_processes, distributed, process_device, spawn
-from paraisite.protocol import (Plan, check_given_aflow_run, describe_job, describe_start, finish_distributed,
+from paraisite.data.datasets import NAMES, DatasetError
+from paraisite.data.paths import use_base_url
+from paraisite.training.clock import JobClock
+from paraisite.training.processes import barrier, cpu_cores, cpu_processes, distributed, process_device, spawn
+from paraisite.training.job import (Plan, check_given_aflow_run, describe_job, describe_start, finish_distributed,
                                 run_protocol)
-from paraisite.rundir import RunDir
-from paraisite.metrics import LOSSES
-from paraisite.training import INITS, RECIPE_SETTINGS, RECIPES, TrainConfig
+from paraisite.training.rundir import RunDir
+from paraisite.evaluation.metrics import LOSSES
+from paraisite.training.loop import INITS, RECIPE_SETTINGS, RECIPES, TrainConfig
 
 
 def parse_splits(text: str) -> list[int]:

@@ -28,7 +28,7 @@ import numpy as np
 from torch_geometric.data import Batch
 
 from common import load_average, repeated_dataset
-from paraisite import paths
+from paraisite.data import paths
 from megnet_pt.cache import GraphCache, build_cache
 from megnet_pt.graph import structure_to_graph
 from megnet_pt.structures import read_structure

@@ -39,9 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from paraisite.datasets import dataset_folder, read_labels  # noqa: E402
-from paraisite.splits import split_indices  # noqa: E402
-from paraisite.training import epoch_generator  # noqa: E402
+from paraisite.data.datasets import dataset_folder, read_labels  # noqa: E402
+from paraisite.data.splits import split_indices  # noqa: E402
+from paraisite.training.loop import epoch_generator  # noqa: E402
 
 BATCH = 8
 

@@ -19,7 +19,7 @@ import torch
 from torch_geometric.data import Batch
 
 from megnet_pt import load_pretrained, structure_to_graph
-from paraisite import paths
+from paraisite.data import paths
 from megnet_pt.structures import read_structure
 
 

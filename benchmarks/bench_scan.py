@@ -5,7 +5,7 @@
 Builds (or reuses, in ``--workdir``) a graph cache of the AFLOW set repeated
 ``repeat`` times (ids suffixed ``__r<k>``; 10 x 3269 = 32,690 structures,
 through the ordinary build path), makes nine random ParAIsite models saved as
-a run folder, and times ``paraisite.screening.run_scan``, the path of
+a run folder, and times ``paraisite.screening.scan.run_scan``, the path of
 ``scan.py``: streaming the cache from disk, the fused nine-model pass,
 warnings, descriptors and writing the CSV. Each configuration runs in a fresh
 process, so that its peak memory (``ru_maxrss``) is its own; resident memory
@@ -52,7 +52,7 @@ def peak_rss_mb() -> float:
 
 
 def ensure_bench_cache(work: Path, repeat: int, workers: int) -> Path:
-    from paraisite import paths
+    from paraisite.data import paths
     from megnet_pt.cache import GraphCache, build_cache
 
     path = work / f"aflow_x{repeat}_cutoff4.h5"
@@ -100,9 +100,9 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
 
     from megnet_pt.cache import GraphCache
-    from paraisite.ensemble import load_ensemble
-    from paraisite.scan_files import ScanPaths
-    from paraisite.screening import ScanSettings, run_scan
+    from paraisite.screening.ensemble import load_ensemble
+    from paraisite.screening.files import ScanPaths
+    from paraisite.screening.scan import ScanSettings, run_scan
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,8 +153,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 def _pretend_done(cache, ensemble, out: Path, keep: int) -> None:
     """Write a part file holding placeholder rows for all but the first ``keep`` structures."""
-    from paraisite.scan_files import ScanPaths, csv_text, scan_meta
-    from paraisite.screening import columns
+    from paraisite.screening.files import ScanPaths, csv_text, scan_meta
+    from paraisite.screening.scan import columns
 
     paths = ScanPaths(out)
     header = columns(ensemble.info.splits, False, cache.label_names if cache.labels is not None else [])
@@ -170,7 +170,7 @@ def one_at_a_time(cache_path: Path, run: Path, n: int, threads: int | None) -> d
     import torch
 
     from megnet_pt.cache import GraphCache
-    from paraisite.ensemble import load_ensemble
+    from paraisite.screening.ensemble import load_ensemble
 
     if threads:
         torch.set_num_threads(threads)
@@ -259,7 +259,7 @@ def main() -> None:
                                   "--batch-size", str(bs)]))
     ddp = None
     if args.torchrun and not args.quick:
-        from paraisite.screening import training_domain
+        from paraisite.screening.scan import training_domain
 
         training_domain(runs[9], "rw", "aflow_agl", 4.0)  # build its graph cache before the clock starts
         print(f"timing scan.py under torchrun, {args.torchrun} processes x 1 thread (load average {load_average()}) ...",

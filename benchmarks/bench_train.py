@@ -4,9 +4,9 @@
 
 For each dataset and device (the CPU, and CUDA when available) it times
 
-(a) the sequential path, ``paraisite.steps.PlainStep`` (collate, forward,
+(a) the sequential path, ``paraisite.training.steps.PlainStep`` (collate, forward,
     MAPE, backward, fused Adam), split after split;
-(b) the ensemble path, ``paraisite.steps.StackedStep`` on the M splits'
+(b) the ensemble path, ``paraisite.training.steps.StackedStep`` on the M splits'
     batches padded and stacked, one vmapped step for all;
 (c) on CUDA, the same stepper replaying each step as a CUDA graph (what
     ``--ensemble`` runs there), batches padded to a few fixed shapes;
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from megnet_pt.checkpoint import atomic_save
-from paraisite.datasets import load_dataset
-from paraisite.steps import PlainStep, StackedStep
-from paraisite.training import TrainConfig, epoch_generator, initial_model
+from paraisite.data.datasets import load_dataset
+from paraisite.training.steps import PlainStep, StackedStep
+from paraisite.training.loop import TrainConfig, epoch_generator, initial_model
 from paraisite.transform import TargetTransform
 
 STAGE_EPOCHS = 300

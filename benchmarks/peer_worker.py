@@ -46,7 +46,7 @@ class Ours:
         from megnet_pt import MEGNet, structure_to_graph
         from megnet_pt.model import collate
         from paraisite.model import ParAIsite
-        from paraisite.steps import adam
+        from paraisite.training.steps import adam
 
         self.to_graph, self.collate = structure_to_graph, collate  # collate: as train.py's step and predict()
         self.megnet = MEGNet()

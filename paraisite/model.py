@@ -9,7 +9,7 @@ from megnet_pt import MEGNet
 from megnet_pt.model import collate
 from megnet_pt.pretrained import load_pretrained
 
-from . import paths
+from .data import paths
 from .transform import TargetTransform
 
 PRETRAINED = "MEGNet-MP-2018.6.1-Eform"

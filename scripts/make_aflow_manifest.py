@@ -1,4 +1,4 @@
-"""Write ``paraisite/aflow_manifest.csv`` from a mirror of the upstream files.
+"""Write ``paraisite/data/aflow_manifest.csv`` from a mirror of the upstream files.
 
 GitHub's raw-file server serves files by path but cannot list a folder, so the
 dataset fetch cannot discover the 5578 CIF names in ParAIsite's
@@ -12,7 +12,7 @@ to know how many CIFs each formula names.
 The label files it reads (``TC_AFLOW.pkl``, CrabNet's tables) must match their
 pinned sha256, so the manifest always describes the pinned commits.
 
-    python scripts/make_aflow_manifest.py [MIRROR] [--output paraisite/aflow_manifest.csv] [--check]
+    python scripts/make_aflow_manifest.py [MIRROR] [--output paraisite/data/aflow_manifest.csv] [--check]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megnet_pt.download import sha256_file  # noqa: E402
-from paraisite import sources as data  # noqa: E402
+from paraisite.data import sources as data  # noqa: E402
 
 
 def _pinned_file(mirror: Path, file: data.UpstreamFile) -> Path:
@@ -58,7 +58,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mirror", nargs="?", default=str(ROOT.parent / "shared" / "upstream"),
                         help="mirror of the upstream files (default: ../shared/upstream)")
-    parser.add_argument("--output", default=str(ROOT / "paraisite" / data.MANIFEST))
+    parser.add_argument("--output", default=str(ROOT / "paraisite" / "data" / data.MANIFEST))
     parser.add_argument("--check", action="store_true", help="only check that the output is up to date")
     args = parser.parse_args()
     text = make_manifest(args.mirror)

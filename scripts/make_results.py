@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paraisite.report import (  # noqa: E402
+from paraisite.evaluation.report import (  # noqa: E402
     COLUMN_NAMES, METRIC_TITLES, aggregate, collapsed, paper_name, paper_value, read_csv, write_csv,
 )
-from paraisite.rundir import RunDir, config_differences  # noqa: E402
+from paraisite.training.rundir import RunDir, config_differences  # noqa: E402
 
 METRIC_DIGITS = {"mape": 2, "mape_paper_scale": 2, "r2": 2, "mae": 2, "rmse": 2, "sre": 2, "log10_mae": 2, "spearman": 2}
 
@@ -210,7 +210,7 @@ def wall_time(run: dict) -> str:
 
 
 def collapse_line(run: dict) -> list[str]:
-    """The splits whose model collapsed (paraisite.report.collapsed); nothing for runs scored before that was measured."""
+    """The splits whose model collapsed (paraisite.evaluation.report.collapsed); nothing for runs scored before that was measured."""
     fallen = collapsed(run["results"], run["config"]["dataset"])
     if not fallen:
         return []

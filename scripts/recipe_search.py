@@ -41,10 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from paraisite.checkpoint import load_ltc_model  # noqa: E402
-from paraisite.datasets import LTCDataset, load_dataset  # noqa: E402
-from paraisite.metrics import LOG_FLOOR, regression_metrics  # noqa: E402
+from paraisite.data.datasets import LTCDataset, load_dataset  # noqa: E402
+from paraisite.evaluation.metrics import LOG_FLOOR, regression_metrics  # noqa: E402
 from paraisite.model import predict  # noqa: E402
-from paraisite.rundir import RunDir  # noqa: E402
+from paraisite.training.rundir import RunDir  # noqa: E402
 
 BASE = ["--init", "fe", "--dataset", "togo15", "--select-holdout", "0.2"]
 HOLDOUT = 0.2

@@ -4,7 +4,7 @@
     python scripts/spread_vs_error.py scan.csv [--held-out RUN/predictions.csv]
 
 Spread is ``ltc_std_over_mean`` of the scan; error is |log10(prediction / label)| (predictions floored at
-1e-3 W/m/K, ``paraisite.metrics.LOG_FLOOR``): of the nine models' mean, or with ``--held-out`` the mean error of each material's predictions
+1e-3 W/m/K, ``paraisite.evaluation.metrics.LOG_FLOOR``): of the nine models' mean, or with ``--held-out`` the mean error of each material's predictions
 by the models that held it out (its validation folds). Prints Spearman's rho of spread and error, and the
 median error and the share within a factor of 2 of the most and the least certain thirds.
 """
@@ -17,7 +17,7 @@ import math
 import numpy as np
 from scipy import stats
 
-from paraisite.metrics import LOG_FLOOR
+from paraisite.evaluation.metrics import LOG_FLOOR
 
 
 def log_error(predicted: float, label: float) -> float:

@@ -19,7 +19,7 @@ from megnet_pt.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from megnet_pt.predict import main as predict_main
 from megnet_pt.structures import find_structure_files, read_structure
 from paraisite.checkpoint import load_ltc_model, save_model
-from paraisite.datasets import DatasetError, load_dataset
+from paraisite.data.datasets import DatasetError, load_dataset
 from paraisite.model import ParAIsite
 from paraisite.transform import TargetTransform
 

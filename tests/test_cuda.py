@@ -20,9 +20,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 from conftest import working_folder  # noqa: E402
 from megnet_pt import load_pretrained, structure_to_graph  # noqa: E402
 from megnet_pt.structures import read_structure  # noqa: E402
-from paraisite.datasets import load_dataset  # noqa: E402
-from paraisite.rundir import RunDir  # noqa: E402
-from paraisite.training import TrainConfig, train  # noqa: E402
+from paraisite.data.datasets import load_dataset  # noqa: E402
+from paraisite.training.rundir import RunDir  # noqa: E402
+from paraisite.training.loop import TrainConfig, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

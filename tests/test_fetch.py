@@ -28,7 +28,9 @@ import pytest
 from pymatgen.core import Structure
 
 from megnet_pt import download as dl
-from paraisite import data, paths, sources
+from paraisite.data import fetch as data
+from paraisite.data import paths
+from paraisite.data import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "MEGNet-MP-2018.6.1-Eform"
@@ -136,7 +138,7 @@ def test_manifest_is_what_the_script_makes(upstream: Path):
     spec = importlib.util.spec_from_file_location("make_aflow_manifest", ROOT / "scripts" / "make_aflow_manifest.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    committed = (ROOT / "paraisite" / sources.MANIFEST).read_text()
+    committed = (ROOT / "paraisite" / "data" / sources.MANIFEST).read_text()
     assert script.make_manifest(upstream) == committed
     rows = list(csv.DictReader(committed.splitlines()))
     assert len(rows) == 5578 and sum(1 for r in rows if r["sha256"]) == ROWS["aflow_agl"]

@@ -1,4 +1,4 @@
-"""The hand-fused inference pass (paraisite.fused) against the megnet_pt layer each stacked layer rewrites.
+"""The hand-fused inference pass (paraisite.screening.fused) against the megnet_pt layer each stacked layer rewrites.
 
 Two models of different weights are stacked, and every stacked layer must give, for each of them, what the
 plain megnet_pt (or ParAIsite) layer gives: a change to a megnet_pt layer that is not mirrored in fused.py
@@ -9,8 +9,8 @@ import torch
 from torch_geometric.data import Batch
 
 from megnet_pt import MEGNet
-from paraisite import fused
-from paraisite.datasets import load_dataset
+from paraisite.screening import fused
+from paraisite.data.datasets import load_dataset
 from paraisite.model import ParAIsite
 
 from conftest import working_folder

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from paraisite.datasets import LTCDataset
-from paraisite.metrics import mape_loss, regression_metrics
-from paraisite.paper_scale import PaperScale
-from paraisite.report import PAPER_MAPE, paper_name, paper_value
-from paraisite.splits import holdout_parts, nine_splits, split_indices, split_parts
+from paraisite.data.datasets import LTCDataset
+from paraisite.evaluation.metrics import mape_loss, regression_metrics
+from paraisite.evaluation.paper_scale import PaperScale
+from paraisite.evaluation.report import PAPER_MAPE, paper_name, paper_value
+from paraisite.data.splits import holdout_parts, nine_splits, split_indices, split_parts
 from paraisite.transform import MAX_LOG10, TargetTransform
 
 
@@ -142,9 +142,9 @@ def test_paper_scale_is_the_plain_mape_on_the_training_set_and_upstreams_mapping
 def test_job_clock_estimates_the_whole_job_from_its_own_pace(tmp_path):
     import io
 
-    from paraisite.job_clock import JobClock, Stage
-    from paraisite.processes import cpu_processes
-    from paraisite.rundir import RunDir
+    from paraisite.training.clock import JobClock, Stage
+    from paraisite.training.processes import cpu_processes
+    from paraisite.training.rundir import RunDir
 
     aflow, target = RunDir(tmp_path / "aflow"), RunDir(tmp_path / "target")
     out = io.StringIO()
@@ -177,7 +177,7 @@ def test_init_fe_loads_every_published_tensor(shared, tmp_path):
     """Upstream's load_state_dict(strict=False) with prefixed keys loaded nothing (docs/results.md); --init fe must
     start from every one of the 106 published tensors, and a random start must fail the same check."""
     from conftest import working_folder
-    from paraisite.training import TrainConfig, initial_model
+    from paraisite.training.loop import TrainConfig, initial_model
 
     with working_folder(tmp_path):
         found, total = loaded_published_tensors(initial_model(TrainConfig(init="fe"), 1))
@@ -187,7 +187,7 @@ def test_init_fe_loads_every_published_tensor(shared, tmp_path):
 
 
 def test_sre_log_mae_and_spearman_by_hand():
-    from paraisite.metrics import regression_metrics
+    from paraisite.evaluation.metrics import regression_metrics
 
     t = np.array([1.0, 10.0, 100.0, 4.0])
     p = np.array([3.0, 10.0, 50.0, -1.0])  # the last as a collapsed model predicts it
@@ -205,7 +205,7 @@ def test_spawn_returns_the_failing_ranks_code_and_stops_the_others(tmp_path):
     """train.py's own launcher: a rank that fails ends the job with its exit code; the rank waiting for it is stopped."""
     import time
 
-    from paraisite.processes import spawn
+    from paraisite.training.processes import spawn
 
     script = tmp_path / "job.py"
     script.write_text("import os, sys, time\n"

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import working_folder
-from paraisite.datasets import load_dataset
-from paraisite.metrics import mape_loss, regression_metrics, training_loss
-from paraisite.rundir import RunDir
-from paraisite.steps import PlainStep
-from paraisite.training import RECIPES, TrainConfig, initial_model, train
+from paraisite.data.datasets import load_dataset
+from paraisite.evaluation.metrics import mape_loss, regression_metrics, training_loss
+from paraisite.training.rundir import RunDir
+from paraisite.training.steps import PlainStep
+from paraisite.training.loop import RECIPES, TrainConfig, initial_model, train
 from paraisite.transform import TargetTransform, inverse_transform
 
 ROOT = Path(__file__).resolve().parents[1]

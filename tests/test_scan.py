@@ -16,10 +16,11 @@ from pymatgen.io.cif import CifWriter
 
 from conftest import working_folder
 from megnet_pt.cache import GraphCache, build_cache
-from paraisite import scan_summary, screening
+from paraisite.screening import summary as scan_summary
+from paraisite.screening import scan as screening
 from paraisite.checkpoint import save_model
-from paraisite.ensemble import Ensemble, load_ensemble
-from paraisite.fused import FusedEform
+from paraisite.screening.ensemble import Ensemble, load_ensemble
+from paraisite.screening.fused import FusedEform
 from paraisite.model import ParAIsite
 from paraisite.transform import TargetTransform
 

@@ -13,13 +13,15 @@ from torch_geometric.data import Batch
 
 from conftest import working_folder
 from megnet_pt.checkpoint import CheckpointError
-from paraisite import rundir, steps, training
-from paraisite.rundir import RunDir
+from paraisite.training import rundir
+from paraisite.training import steps
+from paraisite.training import loop as training
+from paraisite.training.rundir import RunDir
 from paraisite.checkpoint import load_ltc_model, save_model
-from paraisite.datasets import load_dataset
+from paraisite.data.datasets import load_dataset
 from paraisite.model import ParAIsite
-from paraisite.splits import holdout_parts
-from paraisite.training import TrainConfig, initial_model
+from paraisite.data.splits import holdout_parts
+from paraisite.training.loop import TrainConfig, initial_model
 from paraisite.transform import TargetTransform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +61,7 @@ def test_small_run_writes_everything(workdir):
     rows = list(csv.DictReader(open(run / "results.csv")))
     assert {(int(r["split"]), r["selection"], r["test_dataset"]) for r in rows} == {
         (k, s, d) for k in (1, 2) for s in ("best", "final") for d in ("togo15", "miyazaki21")}
-    # on the paper's scale (paraisite/paper_scale.py): the training set is not rescaled, another test set is
+    # on the paper's scale (paraisite/evaluation/paper_scale.py): the training set is not rescaled, another test set is
     for r in rows:
         same = float(r["mape_paper_scale"]) == pytest.approx(float(r["mape"]), rel=1e-5)
         assert same == (r["test_dataset"] == "togo15"), r
@@ -464,7 +466,7 @@ def test_torchrun_spreads_splits_over_two_processes(workdir):
 def test_auto_cpu_path_prints_the_plan_and_an_estimate(workdir):
     """Plain train.py on a CPU: one single-thread process per core (at most one per split), the plan up front,
     progress lines with the whole job's estimate, and the numbers of one process."""
-    from paraisite.processes import cpu_cores
+    from paraisite.training.processes import cpu_cores
 
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "OMP_NUM_THREADS")}
     args = ["--init", "rw", "--dataset", "togo15", "--epochs", "2", "--splits", "2", "--no-progress"]

@@ -9,14 +9,15 @@ import torch
 
 from conftest import working_folder
 from megnet_pt.checkpoint import CheckpointError
-from paraisite import stacked, training
-from paraisite.datasets import load_dataset
-from paraisite.metrics import mape_loss
-from paraisite.padding import DUMMY_SLOTS, PackedGraphs, pad_batches, padded_shapes
-from paraisite.rundir import RunDir
-from paraisite.stacked import StackedModel
-from paraisite.steps import PlainStep, StackedStep
-from paraisite.training import TrainConfig, initial_model, train
+from paraisite.training import stacked
+from paraisite.training import loop as training
+from paraisite.data.datasets import load_dataset
+from paraisite.evaluation.metrics import mape_loss
+from paraisite.training.padding import DUMMY_SLOTS, PackedGraphs, pad_batches, padded_shapes
+from paraisite.training.rundir import RunDir
+from paraisite.training.stacked import StackedModel
+from paraisite.training.steps import PlainStep, StackedStep
+from paraisite.training.loop import TrainConfig, initial_model, train
 from paraisite.transform import TargetTransform, inverse_transform
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -59,7 +59,7 @@ class LTCDataset:
 
         Without ``holdout`` (the paper's protocol) fit is the training part and
         select is the validation part itself; with it, a share of the training
-        part (:func:`paraisite.splits.holdout_parts`).
+        part (:func:`paraisite.data.splits.holdout_parts`).
         """
         if holdout is None:
             train, val = self.split(seed)

@@ -1,6 +1,6 @@
 """The three lattice-thermal-conductivity datasets: fetched from their public sources, rebuilt, cached.
 
-Each dataset lives in ``$PARAISITE_HOME/data/<name>/`` (see ``paraisite.paths``)
+Each dataset lives in ``$PARAISITE_HOME/data/<name>/`` (see ``paraisite.data.paths``)
 as ``labels.csv`` (``id,formula,ltc``, LTC at 300 K in W/m/K) and
 ``cif/<id>.cif``, one structure per row:
 
@@ -39,7 +39,7 @@ How each dataset is rebuilt from the upstream files:
   downloaded come from ``aflow_manifest.csv`` beside this file, made from a
   mirror by ``scripts/make_aflow_manifest.py``.
 
-The command line is ``python -m paraisite.data`` (``paraisite/data.py``).
+The command line is ``python -m paraisite.data`` (``paraisite/data/fetch.py``).
 """
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def pin_aflow_labels(
 
 def read_manifest() -> dict[str, str]:
     """``{CIF name: sha256}`` for every CIF in upstream ``aflow_cif/`` (sha256 empty for those never downloaded)."""
-    text = resources.files("paraisite").joinpath(MANIFEST).read_text()
+    text = resources.files("paraisite.data").joinpath(MANIFEST).read_text()
     return {row["name"]: row["sha256"] for row in csv.DictReader(io.StringIO(text))}
 
 
@@ -371,7 +371,7 @@ def info(base_url: str | None = None) -> str:
 
 def fetch_weights(base_url: str | None = None) -> Path:
     """The published MEGNet weights in ``$PARAISITE_HOME/weights/<name>/``, downloaded when missing."""
-    from .model import PRETRAINED
+    from ..model import PRETRAINED
 
     return fetch_published_weights(PRETRAINED, base_url=paths.base_url(base_url), folder=paths.weights_dir(PRETRAINED),
                                    advice=paths.download_advice())

@@ -11,7 +11,7 @@ predictions (W/m/K) out, one column per model.
 Two forward passes give the same numbers (to float32 round-off):
 ``reference``, each model's own ``ParAIsite.forward`` one after the other, and
 ``fused`` (default), the M models stacked into one hand-written pass
-(:mod:`paraisite.fused`, about 2x faster on a CPU).
+(:mod:`paraisite.screening.fused`, about 2x faster on a CPU).
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from torch_geometric.data import Batch, Data
 
 from megnet_pt.checkpoint import CheckpointError
 
-from .checkpoint import load_ltc_model
+from ..checkpoint import load_ltc_model
 from .fused import FusedParAIsite
-from .model import ParAIsite
-from .rundir import RunDir
-from .transform import TargetTransform, inverse_transform
+from ..model import ParAIsite
+from ..training.rundir import RunDir
+from ..transform import TargetTransform, inverse_transform
 
 METHODS = ("fused", "reference")
 

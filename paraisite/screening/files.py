@@ -25,7 +25,7 @@ import numpy as np
 from megnet_pt.cache import GraphCache
 from megnet_pt.download import sha256_file
 
-from .rundir import RunDir
+from ..training.rundir import RunDir
 
 if TYPE_CHECKING:
     from .ensemble import Ensemble

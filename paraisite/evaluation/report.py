@@ -131,7 +131,7 @@ def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardwa
             lines += ["## MAPE on the paper's scale", "",
                       "The same predictions scored as upstream scored them: labels and predictions standardised with "
                       "their own dataset's scaler and turned back with the training module's (AFLOW's for +af models); "
-                      "see paraisite/paper_scale.py. This is the scale of the paper's MAPE, not an error in W/m/K.", ""]
+                      "see paraisite/evaluation/paper_scale.py. This is the scale of the paper's MAPE, not an error in W/m/K.", ""]
         elif metric in ("sre", "log10_mae", "spearman"):
             lines += [{"sre": "## SRE (symmetric relative error, 2|p - y| / (|p| + |y|), Matbench Discovery's)",
                        "log10_mae": "## MAE of log10 (predictions floored at 1e-3 W/m/K)",

@@ -4,7 +4,7 @@ The parameters of the M models (one per split) are stacked along a leading
 model axis, :math:`\Theta = [\theta_1, \dots, \theta_M]`
 (``torch.func.stack_module_state``), and one call of ``ParAIsite.forward``,
 vectorised over that axis with ``torch.func.vmap`` + ``functional_call``, does
-the work of M on a padded batch (:mod:`paraisite.padding`). With
+the work of M on a padded batch (:mod:`paraisite.training.padding`). With
 :math:`f(\theta; G) \in \mathbb R^S` the standardised prediction of every slot
 and :math:`(\mu_m, \sigma_m)` the target transform of split m,
 
@@ -34,10 +34,10 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from megnet_pt import MEGNet
 
-from .metrics import mape_loss, training_loss
-from .model import ParAIsite
+from ..evaluation.metrics import mape_loss, training_loss
+from ..model import ParAIsite
 from .padding import PackedGraphs, PaddedBatch, pad_batches
-from .transform import TargetTransform, inverse_transform
+from ..transform import TargetTransform, inverse_transform
 
 VAL_CHUNK = 256  # graphs per split per validation call, as paraisite.model.predict
 
@@ -94,7 +94,7 @@ def train_step(net: StackedModel, optimizer: torch.optim.Optimizer, x: PaddedBat
     """One Adam step of every member on its own batch; returns the M training losses (detached).
 
     ``mean``, ``std``: ``[M, 1]``, each member's target transform; ``loss`` as
-    :func:`paraisite.metrics.training_loss` (MAPE in the formula above).
+    :func:`paraisite.evaluation.metrics.training_loss` (MAPE in the formula above).
     """
     z = net(x)[:, : x.num_real]
     losses = training_loss(z, x.target, mean, std, loss, mask=x.mask, count=x.count)

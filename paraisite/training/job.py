@@ -2,7 +2,7 @@
 
     config (what defines the run) + plan (how to carry it out)
       -> [+af: the AFLOW stage of the same splits, trained first where unfinished]
-      -> per split: train (paraisite.training.train), score on every test set (evaluate_split)
+      -> per split: train (paraisite.training.loop.train), score on every test set (evaluate_split)
       -> results.csv, predictions.csv, summary.md, curves.png, parity.png
 
 Under torchrun each process takes every ``world``-th split; rank 0 writes
@@ -19,13 +19,13 @@ import torch
 
 from megnet_pt.checkpoint import CheckpointError
 
-from .datasets import LTCDataset, dataset_folder, load_dataset, read_labels
-from .job_clock import JobClock, Stage
-from .paper_scale import PaperScale
+from ..data.datasets import LTCDataset, dataset_folder, load_dataset, read_labels
+from .clock import JobClock, Stage
+from ..evaluation.paper_scale import PaperScale
 from .processes import barrier
-from .report import collapsed, paper_name, plot_curves, plot_parity, read_csv, summary_markdown, write_csv
+from ..evaluation.report import collapsed, paper_name, plot_curves, plot_parity, read_csv, summary_markdown, write_csv
 from .rundir import RunDir
-from .training import TrainConfig, check_aflow_checkpoint, evaluate_split, split_groups, train
+from .loop import TrainConfig, check_aflow_checkpoint, evaluate_split, split_groups, train
 
 
 @dataclass
@@ -132,7 +132,7 @@ def run_protocol(config: TrainConfig, plan: Plan, report: bool = True) -> bool:
                   file=sys.stderr)
             if not run_protocol(stage, plan.for_aflow_stage(config, missing), report=plan.world == 1):
                 return False
-    # the module of a +af model carries AFLOW's scaler upstream (paraisite/paper_scale.py); float32, as LTCDataset.ltc
+    # the module of a +af model carries AFLOW's scaler upstream (paraisite/evaluation/paper_scale.py); float32, as LTCDataset.ltc
     aflow_ltc = (torch.tensor(read_labels(dataset_folder("aflow_agl") / "labels.csv")[2], dtype=torch.float32)
                  if aflow is not None else None)
     paper_scale = PaperScale.for_run(config.init, data, aflow_ltc)

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .datasets import LTCDataset
+from ..data.datasets import LTCDataset
 from .metrics import mape_loss
-from .transform import TargetTransform
+from ..transform import TargetTransform
 
 
 def rescale(y: Tensor, source: TargetTransform, module: TargetTransform) -> Tensor:

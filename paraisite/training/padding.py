@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .datasets import LTCDataset
+from ..data.datasets import LTCDataset
 
 
 @dataclass

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .transform import inverse_transform
+from ..transform import inverse_transform
 
 LOSSES = ("mape", "log10")
 

@@ -1,6 +1,6 @@
 """How one training step is computed: the only thing that differs between one split and M splits at once.
 
-:func:`paraisite.training.train` is one loop for both. It hands each step the
+:func:`paraisite.training.loop.train` is one loop for both. It hands each step the
 next batch of every member (one member per split) and asks a stepper:
 
     step(batches)       one Adam step of every member on its own batch; the loss summed over
@@ -13,10 +13,10 @@ next batch of every member (one member per split) and asks a stepper:
                         whatever the stepper, so a state written by one is read by the other
 
 :class:`PlainStep` trains one model on a PyG ``Batch``; :class:`StackedStep`
-trains M models stacked into one (:mod:`paraisite.stacked`) on padded batches,
+trains M models stacked into one (:mod:`paraisite.training.stacked`) on padded batches,
 on CUDA replaying each step as a CUDA graph. Both use fused Adam (MEGNet at
 its own learning rate with ``megnet_lr``; frozen by ``freeze_megnet``), the loss ``loss``
-(:func:`paraisite.metrics.training_loss`), and clip each member's gradient on
+(:func:`paraisite.evaluation.metrics.training_loss`), and clip each member's gradient on
 its own when ``clip_grad_norm`` is set.
 """
 from __future__ import annotations
@@ -30,12 +30,12 @@ from torch import Tensor
 
 from megnet_pt.model import collate
 
-from .datasets import LTCDataset
-from .metrics import mape_loss, training_loss
-from .model import ParAIsite, predict
+from ..data.datasets import LTCDataset
+from ..evaluation.metrics import mape_loss, training_loss
+from ..model import ParAIsite, predict
 from .padding import PackedGraphs, pad_batches, padded_shapes
 from .stacked import CUDAGraphStep, StackedModel, train_step, validate
-from .transform import TargetTransform
+from ..transform import TargetTransform
 
 MemberState = dict[str, dict[str, Any]]  # {"model": state_dict, "adam": {parameter name: Adam's state}}
 
@@ -135,7 +135,7 @@ class PlainStep:
 
 
 class StackedStep:
-    """M models of one architecture stacked into one (:mod:`paraisite.stacked`), each on its own batch."""
+    """M models of one architecture stacked into one (:mod:`paraisite.training.stacked`), each on its own batch."""
 
     def __init__(self, models: list[ParAIsite], transforms: list[TargetTransform], data: LTCDataset,
                  device: torch.device, lr: float, clip_grad_norm: float | None = None, batch_size: int = 8,

@@ -3,7 +3,7 @@
     python -m paraisite.data fetch [--dataset NAME ...] [--base-url URL] [--force] [--no-weights]
     python -m paraisite.data info [--base-url URL]
 
-What is fetched from where, and how each dataset is rebuilt: :mod:`paraisite.sources`.
+What is fetched from where, and how each dataset is rebuilt: :mod:`paraisite.data.sources`.
 """
 from __future__ import annotations
 
@@ -69,5 +69,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,9 +26,9 @@ largest training cell, and, starting with ``error:``, why a structure has no
 prediction (it could not be turned into a graph, or the models failed on it).
 
 Graphs are read from the cache a block at a time and rows are streamed to
-part files (:mod:`paraisite.scan_files`), so an interrupted scan resumes where
+part files (:mod:`paraisite.screening.files`), so an interrupted scan resumes where
 it stopped; under torchrun each process takes a contiguous share of the ids
-left. The summary (top table, plots, correlations): :mod:`paraisite.scan_summary`.
+left. The summary (top table, plots, correlations): :mod:`paraisite.screening.summary`.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ from megnet_pt.predict import isolated_warning
 
 from .ensemble import Ensemble
 from .fused import FusedEform
-from .rundir import RunDir
-from .scan_files import ScanPaths, append_rows, merge_parts, prepare_parts
+from ..training.rundir import RunDir
+from .files import ScanPaths, append_rows, merge_parts, prepare_parts
 
 STAT_COLUMNS = ["ltc_mean", "ltc_std", "ltc_std_over_mean", "ltc_max", "ltc_max_x_std_over_mean"]
 DESCRIPTOR_COLUMNS = ["n_sites", "volume", "density", "atomic_density", "n_elements"]
@@ -135,7 +135,7 @@ def training_domain(run_dir: Path, init: str, dataset: str, cutoff: float) -> tu
     dataset = (RunDir(run_dir).read_config() or {}).get("dataset", dataset)
     names = [dataset] + (["aflow_agl"] if init.endswith("+af") else [])
     try:
-        from .datasets import load_dataset
+        from ..data.datasets import load_dataset
 
         elements: set[int] = set()
         max_atoms = 0

@@ -17,8 +17,8 @@ weight averaging), or train the head alone for the first ``freeze_megnet_epochs`
 epochs; :data:`RECIPES` names such settings.
 
 :func:`train` runs this loop for a group of splits at once: one split with a
-:class:`~paraisite.steps.PlainStep`, or M splits stacked into one model with a
-:class:`~paraisite.steps.StackedStep` (``stacked=True``, meant for a GPU).
+:class:`~paraisite.training.steps.PlainStep`, or M splits stacked into one model with a
+:class:`~paraisite.training.steps.StackedStep` (``stacked=True``, meant for a GPU).
 Everything else (shuffles, schedule, validation, selection, curves,
 checkpoints, the resume state, the time limit) is this one loop. The shuffle
 of epoch e of split k is drawn from a generator seeded with (seed, k, e), so
@@ -41,15 +41,15 @@ from tqdm import tqdm
 from megnet_pt import MEGNet
 from megnet_pt.checkpoint import CheckpointError, atomic_save, check_digest, load_plain, tensors_sha256
 
-from .checkpoint import load_ltc_model, read_model_checkpoint, save_model
-from .datasets import LTCDataset
-from .model import ParAIsite, predict, published_megnet
-from .paper_scale import PaperScale
-from .report import write_csv
-from .metrics import regression_metrics
+from ..checkpoint import load_ltc_model, read_model_checkpoint, save_model
+from ..data.datasets import LTCDataset
+from ..model import ParAIsite, predict, published_megnet
+from ..evaluation.paper_scale import PaperScale
+from ..evaluation.report import write_csv
+from ..evaluation.metrics import regression_metrics
 from .rundir import RunDir
 from .steps import PlainStep, StackedStep
-from .transform import TargetTransform
+from ..transform import TargetTransform
 
 INITS = ("rw", "fe", "fe+af", "rw+af")
 T_MAX = 1000
@@ -88,7 +88,7 @@ class TrainConfig:
     aflow_run: str | None = None  # folder of the AFLOW-stage run for fe+af / rw+af
     clip_grad_norm: float | None = None  # not in the paper: clip each step's gradient to this L2 norm
     select_holdout: float | None = None  # not in the paper: choose the epoch on this share of the training part
-    loss: str = "mape"  # "log10", not in the paper: the error of log10(LTC + 1) (paraisite.metrics.training_loss)
+    loss: str = "mape"  # "log10", not in the paper: the error of log10(LTC + 1) (paraisite.evaluation.metrics.training_loss)
     megnet_lr: float | None = None  # not in the paper: MEGNet's own learning rate (the head keeps lr)
     swa_epochs: int | None = None  # not in the paper: final.pt is the mean of the weights of the last N epochs
     freeze_megnet_epochs: int | None = None  # not in the paper: MEGNet is not trained in the first N epochs
@@ -331,9 +331,9 @@ def evaluate_split(
 
     Returns metric rows and per-structure prediction rows. With ``paper_scale``
     the rows also hold ``mape_paper_scale``, the MAPE as upstream computed it
-    (:mod:`paraisite.paper_scale`); empty without. ``share_nonpositive`` is the
+    (:mod:`paraisite.evaluation.paper_scale`); empty without. ``share_nonpositive`` is the
     share of predictions at or below 0 W/m/K, which no material has: most of
-    them there means the model collapsed (:func:`paraisite.report.collapsed`).
+    them there means the model collapsed (:func:`paraisite.evaluation.report.collapsed`).
     """
     rows, preds = [], []
     for selection in ("best", "final"):

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from .scan_files import ScanPaths
-from .screening import EFORM_COLUMN, INPUT_PREFIX
+from .files import ScanPaths
+from .scan import EFORM_COLUMN, INPUT_PREFIX
 
 def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int]:
     """(r, two-sided p, n) over the pairs without a NaN; NaN where r is undefined (n < 3 or a constant)."""

@@ -43,7 +43,7 @@ from torch_geometric.data import Batch, Data
 from megnet_pt import MEGNet
 from megnet_pt.mlp import MLP, SoftPlus2
 
-from .model import ParAIsite
+from ..model import ParAIsite
 
 LOG2 = math.log(2.0)
 
