@@ -14,6 +14,7 @@ Re-running the same command after an interruption continues where it stopped;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from datetime import datetime, timezone
@@ -25,6 +26,7 @@ from megnet_pt.cache import CacheError, GraphCache, default_cache_path, ensure_c
 from megnet_pt.cache.workers import cpu_cores
 from megnet_pt.checkpoint import CheckpointError
 from megnet_pt.elements import ELEMENTS
+from megnet_pt.interrupt import Interrupted, os_error, stop_on_signals
 from paraisite.screening.ensemble import load_ensemble
 from paraisite.screening.fused import FusedEform
 from paraisite.model import published_megnet
@@ -32,7 +34,7 @@ from paraisite.data.paths import use_base_url
 from paraisite.training.processes import distributed, process_device
 from paraisite.evaluation.report import paper_name
 from paraisite.training.rundir import SELECTIONS
-from paraisite.screening.files import ScanError, record_run
+from paraisite.screening.files import ScanError, hold_output, record_run
 from paraisite.screening.summary import summarize, write_summary
 from paraisite.screening.scan import ScanSettings, run_scan, training_domain
 
@@ -116,49 +118,55 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, local_rank = distributed()
     sync = torch.distributed if world > 1 else None
     try:
-        given_cache = is_cache(args.inputs)  # several caches are refused before anything is loaded or written
-        if args.top < 0 or (args.batch_size is not None and args.batch_size < 1):
-            raise ValueError("--top must be >= 0 and --batch-size >= 1")
-        device = process_device(args.device, world, local_rank)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
-        ensemble = load_ensemble(args.models, args.selection, method=args.method)
-        info = ensemble.info
-        eform = None
-        if args.with_eform:
-            # Rank 0 first: a first use converts the published weights into ./weights, once.
+        with stop_on_signals():
+            given_cache = is_cache(args.inputs)  # several caches are refused before anything is loaded or written
+            if args.top < 0 or (args.batch_size is not None and args.batch_size < 1):
+                raise ValueError("--top must be >= 0 and --batch-size >= 1")
+            device = process_device(args.device, world, local_rank)
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
+            ensemble = load_ensemble(args.models, args.selection, method=args.method)
+            info = ensemble.info
+            eform = None
+            if args.with_eform:
+                # Rank 0 first: a first use converts the published weights into ./weights, once.
+                if rank == 0:
+                    eform = FusedEform(published_megnet())
+                if world > 1:
+                    torch.distributed.barrier()
+                if rank != 0:
+                    eform = FusedEform(published_megnet())
+                if eform.cutoff != ensemble.cutoff:
+                    raise CheckpointError(f"the formation-energy model uses cutoff {eform.cutoff:g} Å, the run {ensemble.cutoff:g} Å")
+            cache = open_cache(args, given_cache, ensemble.cutoff, rank, world)
+            out = Path(args.out) if args.out else Path(f"{Path(args.inputs[0]).name.split('.')[0]}_ltc.csv")
+            domain, domain_note = (None, "")
             if rank == 0:
-                eform = FusedEform(published_megnet())
-            if world > 1:
-                torch.distributed.barrier()
-            if rank != 0:
-                eform = FusedEform(published_megnet())
-            if eform.cutoff != ensemble.cutoff:
-                raise CheckpointError(f"the formation-energy model uses cutoff {eform.cutoff:g} Å, the run {ensemble.cutoff:g} Å")
-        cache = open_cache(args, given_cache, ensemble.cutoff, rank, world)
-        out = Path(args.out) if args.out else Path(f"{Path(args.inputs[0]).name.split('.')[0]}_ltc.csv")
-        domain, domain_note = (None, "")
-        if rank == 0:
-            domain, domain_note = training_domain(info.run_dir, info.init, info.dataset, info.cutoff)
-        if sync is not None:  # every rank writes warnings, so every rank needs the domain
-            shared = [domain, domain_note]
-            sync.broadcast_object_list(shared, src=0)
-            domain, domain_note = shared
-        if rank == 0:
-            print(f"{info.describe()}; {len(cache)} structures in {cache.path} "
-                  f"(+{len(cache.failures)} that could not be converted); {world} process(es) on {device}",
-                  file=sys.stderr)
-        start = time.perf_counter()
-        started_utc = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        settings = ScanSettings(batch_size, device, eform, domain, rank, world, not args.no_progress, sync)
-        report = run_scan(cache, ensemble, out, settings)
+                domain, domain_note = training_domain(info.run_dir, info.init, info.dataset, info.cutoff)
+            if sync is not None:  # every rank writes warnings, so every rank needs the domain
+                shared = [domain, domain_note]
+                sync.broadcast_object_list(shared, src=0)
+                domain, domain_note = shared
+            if rank == 0:
+                print(f"{info.describe()}; {len(cache)} structures in {cache.path} "
+                      f"(+{len(cache.failures)} that could not be converted); {world} process(es) on {device}",
+                      file=sys.stderr)
+            start = time.perf_counter()
+            started_utc = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            settings = ScanSettings(batch_size, device, eform, domain, rank, world, not args.no_progress, sync)
+            with hold_output(out) if rank == 0 else contextlib.nullcontext():
+                report = run_scan(cache, ensemble, out, settings)
     except (CheckpointError, CacheError, ScanError, ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the rows written so far are kept; run the same command again to continue", file=sys.stderr)
-        return 130
+    except OSError as exc:  # a full disk, a read-only folder: one line, the rows written so far are kept
+        print(f"error: {os_error(exc, 'scanning')}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print(f"interrupted ({exc if isinstance(exc, Interrupted) else 'SIGINT'}): the rows written so far are kept; "
+              "run the same command again to continue", file=sys.stderr)
+        return getattr(exc, "code", 130)
     if rank != 0:
         return 0
     seconds = time.perf_counter() - start

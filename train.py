@@ -22,12 +22,14 @@ import time
 from pathlib import Path
 
 from megnet_pt.checkpoint import CheckpointError
+from megnet_pt.interrupt import os_error
 from paraisite.data.datasets import NAMES, DatasetError
 from paraisite.data.paths import use_base_url
 from paraisite.training.clock import JobClock
-from paraisite.training.processes import barrier, cpu_cores, cpu_processes, distributed, process_device, spawn
-from paraisite.training.job import (Plan, check_given_aflow_run, describe_job, describe_start, finish_distributed,
-                                run_protocol)
+from paraisite.training.processes import (Interrupted, cpu_cores, cpu_processes, distributed, process_device, resume_command,
+                                          spawn, spawned, stop_on_signals)
+from paraisite.training.job import (Plan, build_job, check_given_aflow_run, describe_job, describe_progress, parallel_tasks,
+                                    run_job)
 from paraisite.training.rundir import RunDir
 from paraisite.evaluation.metrics import LOSSES
 from paraisite.training.loop import INITS, RECIPE_SETTINGS, RECIPES, TrainConfig
@@ -154,6 +156,8 @@ def validate_names(args: argparse.Namespace) -> list[str]:
         raise DatasetError(f"--select-holdout must be between 0 and 1 (got {args.select_holdout})")
     if args.megnet_lr is not None and not (math.isfinite(args.megnet_lr) and args.megnet_lr > 0):
         raise DatasetError(f"--megnet-lr must be a positive number (got {args.megnet_lr})")
+    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise DatasetError(f"--time-limit must be a positive number of minutes (got {args.time_limit})")
     if args.swa_epochs is not None and not 1 <= args.swa_epochs <= args.epochs:
         raise DatasetError(f"--swa-epochs must be between 1 and --epochs ({args.epochs}) (got {args.swa_epochs})")
     if args.freeze_megnet_epochs is not None and not 1 <= args.freeze_megnet_epochs <= args.epochs:
@@ -169,53 +173,54 @@ def recipe_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     return recipe | given, {key: v for key, v in given.items() if recipe.get(key) != v}
 
 
-def pending_splits(config: TrainConfig, splits: list[int], run: RunDir) -> int:
-    """How many splits still train in the busiest stage of the job."""
-    stages = [run] + ([RunDir(config.aflow_run)] if config.aflow_run else [])
-    return max(sum(not r.finished(k) for k in splits) for r in stages)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     use_base_url(args.base_url)
+    rank, tasks = 0, []
     try:
-        tests = validate_names(args)
-        if args.processes != "auto" and not (args.processes.isdigit() and int(args.processes) >= 1):
-            raise DatasetError(f"--processes takes auto or a number of processes (got {args.processes!r})")
-        rank, world, local_rank = distributed()
-        device = process_device(args.device, world, local_rank)
-        settings, off_recipe = recipe_settings(args)
-        aflow_run = args.aflow_run or str(RunDir.default_aflow(args.init, settings.get("clip_grad_norm")))
-        config = TrainConfig(init=args.init, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                             lr=args.lr, seed=args.seed, aflow_run=aflow_run if "+af" in args.init else None,
-                             recipe=args.recipe, **settings)
-        if "+af" in args.init and args.aflow_run:
-            check_given_aflow_run(config, args.splits)
-        run = (RunDir(args.run_dir) if args.run_dir
-               else RunDir.default(args.init, args.dataset, recipe=args.recipe, **off_recipe))
-        if world == 1 and device.type == "cpu" and not args.ensemble:
-            processes, threads = cpu_processes(args.processes, pending_splits(config, args.splits, run))
-            if processes > 1:  # the fastest path on a CPU: the splits shared by single-thread processes
-                print(f"{describe_job(config, args.splits, run)}\non this CPU ({cpu_cores()} cores): {processes} "
-                      f"processes x {threads} thread(s) share the splits (--processes 1: one process)", file=sys.stderr)
-                return spawn(__file__, argv, processes, threads)
-        deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
-        clock = JobClock(processes=world) if rank == 0 else None
-        plan = Plan(args.splits, run, tests, device, args.ensemble, not args.no_cuda_graphs, deadline,
-                    not args.no_progress and rank == 0, rank, world, clock)
-        if rank == 0:
-            print(describe_job(config, args.splits, run) if world == 1 else describe_start(config, plan), file=sys.stderr)
-            if device.type == "cuda" and not args.ensemble and len(args.splits) > world:
+        with stop_on_signals():
+            tests = validate_names(args)
+            if args.processes != "auto" and not (args.processes.isdigit() and int(args.processes) >= 1):
+                raise DatasetError(f"--processes takes auto or a number of processes (got {args.processes!r})")
+            rank, world, local_rank = distributed()
+            device = process_device(args.device, world, local_rank)
+            settings, off_recipe = recipe_settings(args)
+            aflow_run = args.aflow_run or str(RunDir.default_aflow(args.init, settings.get("clip_grad_norm")))
+            config = TrainConfig(init=args.init, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+                                 lr=args.lr, seed=args.seed, aflow_run=aflow_run if "+af" in args.init else None,
+                                 recipe=args.recipe, **settings)
+            if "+af" in args.init and args.aflow_run:
+                check_given_aflow_run(config, args.splits)
+            run = (RunDir(args.run_dir) if args.run_dir
+                   else RunDir.default(args.init, args.dataset, recipe=args.recipe, **off_recipe))
+            tasks = build_job(config, args.splits, run, tests, args.ensemble, world, train_aflow=not args.aflow_run)
+            if rank == 0 and not spawned():
+                print(describe_job(tasks), file=sys.stderr)
+            if world == 1 and device.type == "cpu" and not args.ensemble:
+                processes, threads = cpu_processes(args.processes, parallel_tasks(tasks))
+                if processes > 1:  # the fastest path on a CPU: the tasks shared by single-thread processes
+                    print(f"on this CPU ({cpu_cores()} cores): {processes} processes x {threads} thread(s) share the "
+                          f"{len(tasks)} tasks (--processes 1: one process)", file=sys.stderr)
+                    return spawn(__file__, argv, processes, threads)
+            if rank == 0 and device.type == "cuda" and not args.ensemble and len(args.splits) > world:
                 print("note: on CUDA, --ensemble trains the splits together and is several times faster "
                       "(docs/performance.md)", file=sys.stderr)
-        done = run_protocol(config, plan)
-        barrier(world)
-        if world > 1 and rank == 0:
-            done = finish_distributed(config, plan)
+            deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
+            plan = Plan(device, args.ensemble, not args.no_cuda_graphs, deadline, not args.no_progress and rank == 0,
+                        rank, world, JobClock(processes=world, rank=rank))
+            done = run_job(tasks, plan)
     except (DatasetError, CheckpointError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only folder: one line, what was done is kept
+        print(f"error: {os_error(exc, 'training')}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        if not spawned():  # spawned: the launcher says it once for every process
+            print(f"interrupted ({exc}): {describe_progress(tasks) if tasks else 'nothing trained'}; run the same "
+                  f"command to resume: {resume_command(argv)}", file=sys.stderr)
+        return exc.code
     if rank == 0:
         if done:
             print(f"done: {run}/summary.md")

@@ -15,8 +15,10 @@ A checkpoint is a ``dict`` saved with ``torch.save`` that loads with
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,16 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except RuntimeError as exc:  # torch's writer says "enforce fail at inline_container.cc" for a full disk
+        tmp.unlink(missing_ok=True)
+        full = shutil.disk_usage(path.parent).free < (64 << 20)
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"cannot write ({str(exc).splitlines()[0]})", str(path)) from exc
+    except BaseException:  # an OS error, a signal: nothing half-written is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

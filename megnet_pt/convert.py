@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .interrupt import os_error
 from .checkpoint import CheckpointError, model_from_state, save_checkpoint
 from .download import sha256_file
 from .model import MEGNet, MEGNetConfig
@@ -131,12 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.folder)
     name = args.name or folder.resolve().name
     out = Path(args.output) if args.output else Path("weights") / f"{name}.pt"
+    inputs = [folder / "state.pt", folder / "model.json"]
+    if any(out.resolve() == p.resolve() for p in inputs if p.exists()):
+        print(f"error: -o {out} is one of the files it converts from; name another file (default: weights/{name}.pt)",
+              file=sys.stderr)
+        return 2
     try:
         model, sources = convert_published(folder)
+        save_checkpoint(model, out, name, sources)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    save_checkpoint(model, out, name, sources)
+    except OSError as exc:
+        print(f"error: {os_error(exc, f'writing the checkpoint {out}')}", file=sys.stderr)
+        return 2
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: {name}, {n} parameters, cutoff {model.config.cutoff} Å, "
           f"target mean {float(model.target_mean):.8f} std {float(model.target_std):.8f}")

@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         listed = collect_structures(args.inputs)
         check_unique_ids(listed)
         files = listed.entries
+        if not files:
+            raise ValueError(f"{', '.join(map(str, args.inputs))}: the inputs hold no structures")
         device = resolve_device(args.device)
         model = load_model(args.model)
     except (FileNotFoundError, CheckpointError, RuntimeError, ValueError, OSError) as exc:

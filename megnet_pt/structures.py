@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import math
+import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,6 +33,14 @@ def read_structure(path: str | Path) -> Structure:
     malformed or holds no structure.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        try:
+            target = path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13 names the loop this way
+            raise StructureError(f"{path}: a symbolic link in a loop (it points back at itself)") from None
+        except OSError as exc:
+            raise StructureError(f"{path}: a symbolic link to {exc.filename or 'nothing'} ({exc.strerror or 'unreadable'})") from None
+        raise StructureError(f"{path}: a symbolic link to {target}, which cannot be read")
     if not path.is_file():
         raise StructureError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -51,6 +60,9 @@ def read_structure(path: str | Path) -> Structure:
             lines = list(dict.fromkeys(line.strip() for w in caught for line in str(w.message).splitlines() if line.strip()))
             why = [line for line in lines if any(k in line.lower() for k in ("occupanc", "exceed", "overlap", "close"))]
             why = why[-1:] or lines[-1:]
+            hint = cif_problem(path) if path.name.lower().endswith(".cif") else None
+            if hint:  # pymatgen's own words ("integer modulo by zero") do not say what is wrong with the file
+                raise StructureError(f"{path}: cannot read a structure: {hint} (pymatgen: {reason})") from exc
             raise StructureError(f"{path}: cannot read a structure ({'; '.join([reason, *why])}"
                                  + ("; atoms on the same site?" if any("occupanc" in w.lower() for w in why) else "")
                                  + ")") from exc
@@ -59,13 +71,39 @@ def read_structure(path: str | Path) -> Structure:
     return structure
 
 
+def cif_problem(path: Path) -> str | None:
+    """What is plainly wrong with a CIF that pymatgen could not read: a cell length that is not positive, a
+    coordinate that is not a number, no atom sites; None when none of these."""
+    text = path.read_text(errors="replace")
+    for axis in "abc":
+        m = re.search(rf"^\s*_cell_length_{axis}\s+(\S+)", text, flags=re.M | re.I)
+        if m:
+            try:
+                value = float(m.group(1).split("(")[0])
+            except ValueError:
+                return f"the cell length {axis} is {m.group(1)!r}, not a number"
+            if not (math.isfinite(value) and value > 0):
+                return f"the cell length {axis} is {m.group(1)} (a cell of zero volume)"
+    lines = text.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.strip().lower().startswith("_atom_site_")]
+    if heads:
+        rows = [line for line in lines[heads[-1] + 1 :] if line.strip() and not line.strip().startswith(("_", "#", "loop_"))]
+        rows = [r for r in rows if not r.strip().lower().startswith("data_")]
+        if not rows:
+            return "no atom sites"
+        if any(re.search(r"(^|\s)[-+]?(nan|inf)(\s|$)", r, flags=re.I) for r in rows):
+            return "an atom site has a coordinate that is not a number (nan or inf)"
+    return None
+
+
 def find_structure_files(inputs: Iterable[str | Path], suffix: str = ".cif") -> list[Path]:
     """Files named directly, plus every ``*.cif`` (any case: ``A.CIF`` too) in named folders (sorted)."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.name.lower().endswith(suffix) and f.is_file())
+            # a symbolic link that leads nowhere (or in a loop) is kept: its row says why it has no structure
+            found = sorted(f for f in p.rglob("*") if f.name.lower().endswith(suffix) and (f.is_file() or f.is_symlink()))
             if not found:
                 raise FileNotFoundError(f"{p}: no *{suffix} files in this folder")
             files.extend(found)
@@ -202,6 +240,9 @@ def collect_structures(inputs: Iterable[str | Path] | str | Path, fields: Sequen
             names, found_files = [], [(str(f.relative_to(p)), f) for f in cifs]
         elif not p.exists():
             raise FileNotFoundError(f"{p}: no such file or folder")
+        elif p.name.lower().endswith((".h5", ".hdf5")):
+            raise StructureError(f"{p}: is a graph cache (HDF5), not a structure file; scan it with scan.py, or read it "
+                                 "with megnet_pt.cache.GraphCache")
         elif p.name.lower().endswith(JSON_SUFFIXES):
             found, names = _pymatgen_json(p)
             found_files = [(p.name, p)]
@@ -313,10 +354,10 @@ def _pymatgen_json(path: Path) -> tuple[list[StructureEntry], list[str]]:
             doc = json.load(f)
     except (OSError, ValueError) as exc:
         raise StructureError(f"{path}: cannot read JSON ({_reason(exc)})") from exc
-    if isinstance(doc, dict) and "lattice" not in doc:
-        records = [{"material_id": k, "structure": v} for k, v in doc.items()]
+    if isinstance(doc, dict) and ("lattice" in doc or "structure" in doc or any(k in doc for k in ID_KEYS)):
+        records = [doc]  # one structure, or one {"material_id", "structure", ...} record
     elif isinstance(doc, dict):
-        records = [doc]
+        records = [{"material_id": k, "structure": v} for k, v in doc.items()]
     elif isinstance(doc, list):
         records = doc
     else:

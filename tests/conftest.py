@@ -37,3 +37,9 @@ def working_folder(folder: Path, threads: int | None = None) -> Iterator[Path]:
     finally:
         torch.set_num_threads(old_threads)
         os.chdir(old)
+
+
+@pytest.fixture(scope="session")
+def graph_caches(tmp_path_factory) -> Path:
+    """One ./data folder for the working folders of the training tests: the graph caches are built once."""
+    return tmp_path_factory.mktemp("graph_caches")

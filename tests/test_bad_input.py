@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -235,9 +236,11 @@ def test_a_finished_run_is_not_taken_as_done_once_its_inputs_change(workdir, sha
         w.writerows(rows)
     assert train_py.main(args) == 2
     assert "built from other sources" in capsys.readouterr().err  # the graph cache sees it first
-    (workdir / "data" / "mine_cutoff4.h5").unlink()  # as its message says: then it is built again, from the new labels
+    [cache] = (workdir / "data").glob("mine-*_cutoff4.h5")  # a user folder's cache is named after its path too
+    cache.unlink()  # as its message says: then it is built again, from the new labels
     assert train_py.main(args) == 2
-    assert "was trained on other inputs: labels.csv or the structure files of mine changed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "was trained on other inputs (inputs of mine: sha256" in err and "labels.csv or a structure file" in err
 
 
 def test_a_refused_aflow_run_writes_nothing(workdir, capsys, shared):
@@ -383,3 +386,136 @@ def test_scan_refuses_two_caches(workdir, capsys):
     assert scan.main(["a.h5", "b.h5", "--models", "runs/none"]) == 2
     assert "scan one graph cache at a time" in capsys.readouterr().err
     assert not (workdir / "data").exists()
+
+
+# --- outputs that are impossible, inputs that are not what they seem (the fault probe of issue 25) -----------------
+
+def test_convert_refuses_to_write_onto_the_files_it_converts(workdir, shared, capsys):
+    from megnet_pt.convert import main as convert_main
+
+    folder = workdir / "published"
+    shutil.copytree(shared / "weights" / "MEGNet-MP-2018.6.1-Eform", folder)
+    before = (folder / "state.pt").read_bytes()
+    for target in ("state.pt", "model.json", "./state.pt"):
+        assert convert_main([str(folder), "-o", str(folder / target)]) == 2
+        assert "is one of the files it converts from" in capsys.readouterr().err
+    assert (folder / "state.pt").read_bytes() == before
+    assert convert_main([str(folder), "-o", str(workdir / "converted.pt")]) == 0  # and converts again after
+
+
+def test_a_single_json_record_is_one_structure_not_a_mapping(workdir, capsys):
+    nacl = Structure(Lattice.cubic(3.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # CsCl-type: bonds < 4 Å
+    (workdir / "one.json").write_text(json.dumps({"material_id": "mp-22862", "band_gap": 5.0,
+                                                  "structure": nacl.as_dict()}))
+    (workdir / "mapping.json").write_text(json.dumps({"a": nacl.as_dict(), "b": nacl.as_dict()}))
+    assert predict_main([str(workdir / "one.json"), str(workdir / "mapping.json"), "-o", str(workdir / "e.csv")]) == 0
+    rows = list(csv.DictReader(open(workdir / "e.csv")))
+    assert [r["id"] for r in rows] == ["mp-22862", "a", "b"] and all(not r["warning"] for r in rows)
+
+
+def test_a_symbolic_link_that_leads_nowhere_keeps_its_row_with_the_reason(workdir, shared, capsys):
+    folder = workdir / "cifs"
+    folder.mkdir()
+    shutil.copy(sorted((shared / "data" / "togo15" / "cif").glob("*.cif"))[0], folder / "real.cif")
+    (folder / "loop-a.cif").symlink_to(folder / "loop-b.cif")
+    (folder / "loop-b.cif").symlink_to(folder / "loop-a.cif")
+    (folder / "dangling.cif").symlink_to(folder / "gone.cif")
+    assert predict_main([str(folder), "-o", str(workdir / "e.csv")]) == 1
+    rows = {r["id"]: r["warning"] for r in csv.DictReader(open(workdir / "e.csv"))}
+    assert set(rows) == {"real", "loop-a", "loop-b", "dangling"} and not rows["real"]
+    assert "symbolic link in a loop" in rows["loop-a"] and "symbolic link to" in rows["dangling"]
+    assert "predicted 1 of 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["empty.json", "empty.xyz"])
+def test_inputs_without_structures_are_an_error_everywhere(workdir, capsys, kind):
+    if kind.endswith(".xyz"):
+        pytest.importorskip("ase", reason="extended XYZ needs ASE (in .[test])")
+    (workdir / kind).write_text("[]" if kind.endswith(".json") else "")
+    assert predict_main([str(workdir / kind), "-o", str(workdir / "e.csv")]) == 2
+    assert "hold no structures" in capsys.readouterr().err
+
+
+def test_a_time_limit_that_is_not_a_positive_number_is_refused(workdir, capsys):
+    for bad in ("-5", "nan", "0"):
+        assert train_py.main(["--init", "rw", "--time-limit", bad, "--processes", "1"]) == 2
+        assert "--time-limit must be a positive number of minutes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code, says", [(28, "no space left on the device"), (30, "read-only file system"),
+                                        (13, "permission denied")])
+def test_an_os_error_while_saving_is_one_line_and_leaves_no_temporary_file(workdir, monkeypatch, capsys, code, says):
+    """A full disk or a read-only folder while a checkpoint is written (root ignores permissions: the error is made
+    where the file is written)."""
+    import os
+
+    from megnet_pt import checkpoint as ckpt
+
+    real_save = ckpt.torch.save
+
+    def failing_save(obj, path, *a, **k):
+        if "state_" in str(path) and Path(path).name.endswith(".tmp"):
+            real_save(obj, path, *a, **k)  # half written ...
+            raise OSError(code, os.strerror(code), str(path))  # ... then the device says no
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    with working_folder(workdir):
+        rc = train_py.main(["--init", "rw", "--dataset", "togo15", "--epochs", "2", "--splits", "1,", "--processes", "1",
+                            "--no-progress", "--run-dir", "runs/full"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and says in line[0] and "state_1.pt" in line[0] and "run the same command again" in line[0]
+    assert not list((workdir / "runs" / "full").glob("*.tmp"))
+
+
+def test_torch_saves_failure_on_a_full_disk_is_an_os_error(workdir, monkeypatch):
+    from megnet_pt import checkpoint as ckpt
+
+    def full(obj, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 0 vs 123")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))
+    with pytest.raises(OSError) as caught:
+        ckpt.atomic_save({"x": 1}, workdir / "x.pt")
+    assert caught.value.errno == 28 and not list(workdir.glob("x.pt*"))
+
+
+CELL = """data_x
+_cell_length_a {a}
+_cell_length_b 4
+_cell_length_c 4
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_symmetry_space_group_name_H-M 'P 1'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+{sites}"""
+
+
+@pytest.mark.parametrize("a, sites, says", [
+    ("0", "Na1 Na 0 0 0\n", "the cell length a is 0 (a cell of zero volume)"),
+    ("4", "Na1 Na nan 0 0\n", "coordinate that is not a number"),
+    ("4", "", "no atom sites"),
+], ids=["zero-volume", "nan-coordinate", "no-atoms"])
+def test_a_cif_pymatgen_cannot_read_is_named_with_what_is_wrong(workdir, a, sites, says):
+    path = workdir / "bad.cif"
+    path.write_text(CELL.format(a=a, sites=sites))
+    with pytest.raises(StructureError, match=re.escape(says)):
+        read_structure(path)
+
+
+def test_a_graph_cache_given_to_predict_is_named_as_one(workdir, shared, capsys):
+    cache = workdir / "t.h5"
+    build_cache([shared / "data" / "togo15"], cache, cutoff=4.0, progress=False)
+    assert predict_main([str(cache), "-o", str(workdir / "e.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "is a graph cache" in err and "scan.py" in err

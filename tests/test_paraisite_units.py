@@ -142,22 +142,28 @@ def test_paper_scale_is_the_plain_mape_on_the_training_set_and_upstreams_mapping
 def test_job_clock_estimates_the_whole_job_from_its_own_pace(tmp_path):
     import io
 
-    from paraisite.training.clock import JobClock, Stage
+    from paraisite.training.clock import JobClock, StageWork
     from paraisite.training.processes import cpu_processes
     from paraisite.training.rundir import RunDir
 
     aflow, target = RunDir(tmp_path / "aflow"), RunDir(tmp_path / "target")
     out = io.StringIO()
     clock = JobClock(out=out)
-    clock.add(Stage("FEAF", aflow, [1, 2], epochs=10, n_train=100))
-    clock.add(Stage("FEAFTG15", target, [1, 2], epochs=10, n_train=10))
+    clock.add(StageWork("FEAF", aflow, [1, 2], epochs=10, n_train=100))
+    clock.add(StageWork("FEAFTG15", target, [1, 2], epochs=10, n_train=10))
     assert clock.estimate() is None  # nothing timed yet
     (aflow.path / "split1").mkdir(parents=True)
     (aflow.path / "split1" / "curve.csv").write_text("epoch,train_loss\n1,0.5\n")
     clock.epoch_done("FEAF", [1], 1, 5.0)  # 5 s for 100 structure-epochs: 0.05 s each
     left = (19 * 100 + 20 * 10) * 0.05  # the AFLOW stage's 19 epochs left of 100 structures, then 20 of 10
     assert clock.estimate() == pytest.approx(left)
-    assert "[FEAF] split 1 (1 of 2), epoch 1 of 10, 5.0 s/epoch; whole job: about 2 min left" in out.getvalue()
+    assert "[FEAF] split 1, epoch 1 of 10, 5.0 s/epoch; whole job: 0 of 4 models done, about 2 min left" in out.getvalue()
+    two = JobClock(processes=2, rank=1, out=out)  # the job's work is shared: half the time left, and who says it
+    two.add(StageWork("FEAF", aflow, [1, 2], epochs=10, n_train=100))
+    two.add(StageWork("FEAFTG15", target, [1, 2], epochs=10, n_train=10))
+    two.epoch_done("FEAF", [1], 1, 5.0)
+    assert two.estimate() == pytest.approx(left / 2)
+    assert "process 2 of 2: [FEAF] split 1, epoch 1 of 10" in out.getvalue()
     assert cpu_processes("auto", 9, cores=2) == (2, 1) and cpu_processes("auto", 1, cores=16) == (1, 16)
     assert cpu_processes("auto", 9, cores=16) == (9, 1) and cpu_processes("3", 9, cores=16) == (3, 5)
 

@@ -18,7 +18,7 @@ from conftest import working_folder
 from megnet_pt.cache import GraphCache, build_cache
 from paraisite.screening import summary as scan_summary
 from paraisite.screening import scan as screening
-from paraisite.checkpoint import save_model
+from paraisite.checkpoint import load_ltc_model, save_model
 from paraisite.screening.ensemble import Ensemble, load_ensemble
 from paraisite.screening.fused import FusedEform
 from paraisite.model import ParAIsite
@@ -375,3 +375,50 @@ def test_rows_stay_on_their_materials_when_structures_in_the_middle_fail(run_dir
         else:
             assert r["formula"] == alone[r["id"]]["formula"]
             assert [r[f"ltc_split{k}"] for k in range(1, 10)] == [alone[r["id"]][f"ltc_split{k}"] for k in range(1, 10)]
+
+
+def test_a_prediction_at_or_below_zero_is_flagged_and_never_ranked(run_dir, cache_path, workdir):
+    """A collapsed model predicts LTC <= 0 W/m/K, which no material has: here split 1's target is shifted down so
+    that about half its predictions are (its standardised outputs read off a first scan)."""
+    first = read(workdir / "base" / "ltc.csv") if (workdir / "base" / "ltc.csv").is_file() else None
+    if first is None:
+        first_out = workdir / "collapsed_first" / "ltc.csv"
+        first_out.parent.mkdir()
+        assert run_scan_cli(cache_path, "--models", run_dir, "--out", first_out) == 0
+        first = read(first_out)
+    log = np.log10(np.array([float(r["ltc_split1"]) for r in first if r["ltc_split1"]]) + 1)  # 0.5 z + 0.85
+    run = workdir / "runs" / "collapsed"
+    shutil.copytree(run_dir, run)
+    model, _, _ = load_ltc_model(run / "split1" / "best.pt")
+    for selection in ("best", "final"):
+        save_model(model, TargetTransform(0.85 - float(np.median(log)), 0.5), run / "split1" / f"{selection}.pt",
+                   init="rw", dataset="togo15", split=1, epoch=1, selection=selection)
+    out = workdir / "collapsed" / "ltc.csv"
+    out.parent.mkdir()
+    assert run_scan_cli(cache_path, "--models", run, "--out", out, "--top", "10") == 0
+    rows = [r for r in read(out) if r["ltc_max"]]
+    low = {r["id"] for r in rows if min(float(r[c]) for c in r if c.startswith("ltc_split")) <= 0}
+    assert low and len(low) < len(rows)  # some, not all: the rankings still have rows
+    flagged = {r["id"] for r in rows if "predict <= 0 W/m/K" in r["warning"]}
+    assert flagged == low
+    md = out.with_name("ltc.summary.md").read_text()
+    assert f"{len(low)} structure(s) have a prediction at or below 0 W/m/K" in md
+    table = [line.split(" | ")[1] for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert table and not set(table) & low
+
+
+def test_a_second_scan_into_the_same_output_is_refused_naming_the_first(run_dir, cache_path, workdir, capsys):
+    import fcntl
+
+    from paraisite.screening.files import ScanPaths
+
+    out = workdir / "busy" / "ltc.csv"
+    out.parent.mkdir()
+    with open(ScanPaths(out).lock, "a+") as held:  # a first scan, still running
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242\n")
+        held.flush()
+        assert run_scan_cli(cache_path, "--models", run_dir, "--out", out) == 2
+    assert "another scan is writing it (pid 4242)" in capsys.readouterr().err and not out.exists()
+    assert run_scan_cli(cache_path, "--models", run_dir, "--out", out) == 0  # once it is done
+    assert not ScanPaths(out).lock.exists()

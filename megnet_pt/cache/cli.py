@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..graph import DEFAULT_CUTOFF, StructureError
+from ..interrupt import Interrupted, os_error, stop_on_signals
 from ..materials_project import PAPER_FIELDS, MaterialsProjectError, download
 from ..predict import positive_int
 from .format import COMMIT_EVERY, CacheError, _open_partial, _partial_path
@@ -138,28 +139,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also read every array, checking chunk checksums, values and the sha256 recorded at build time")
     args = parser.parse_args(argv)
     try:
-        if args.command == "build":
-            inputs = list(args.inputs)
-            if not inputs and not args.from_mp:
-                parser.error("build: give structure files or folders, or --from-mp CRITERIA")
-            if args.from_mp:
-                check_output(args.out, args.cutoff)  # before a download that could take hours
-                folder = mp_folder(args.out)
-                inputs += download(args.from_mp, folder, args.mp_fields, args.api_key, args.mp_endpoint,
-                                   progress=not args.quiet)
-                print(f"{folder}: the downloaded records (kept: a rebuild reads them again; delete when done)")
-            report = build_cache(inputs, args.out, cutoff=args.cutoff, workers=args.workers,
-                                 commit_every=args.commit_every, progress=not args.quiet, fields=args.fields)
-            print(report)
-        else:
-            print(describe(args.path, failures=args.failures))
-            if args.verify:
-                GraphCache(args.path, in_memory=False).verify()
-                print("  verify          every array read back, checksums and values sound")
+        with stop_on_signals():
+            if args.command == "build":
+                inputs = list(args.inputs)
+                if not inputs and not args.from_mp:
+                    parser.error("build: give structure files or folders, or --from-mp CRITERIA")
+                if args.from_mp:
+                    check_output(args.out, args.cutoff)  # before a download that could take hours
+                    folder = mp_folder(args.out)
+                    inputs += download(args.from_mp, folder, args.mp_fields, args.api_key, args.mp_endpoint,
+                                       progress=not args.quiet)
+                    print(f"{folder}: the downloaded records (kept: a rebuild reads them again; delete when done)")
+                report = build_cache(inputs, args.out, cutoff=args.cutoff, workers=args.workers,
+                                     commit_every=args.commit_every, progress=not args.quiet, fields=args.fields)
+                print(report)
+            else:
+                print(describe(args.path, failures=args.failures))
+                if args.verify:
+                    GraphCache(args.path, in_memory=False).verify()
+                    print("  verify          every array read back, checksums and values sound")
     except (CacheError, StructureError, MaterialsProjectError, FileNotFoundError) as exc:  # unusable inputs or cache: say why, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume", file=sys.stderr)
-        return 130
+    except OSError as exc:  # a full disk, a read-only folder: one line, what was committed is kept
+        print(f"error: {os_error(exc, 'building the graph cache' if args.command == 'build' else 'reading the cache')}",
+              file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print(f"interrupted ({exc if isinstance(exc, Interrupted) else 'SIGINT'}): what was committed is kept; re-run "
+              "the same command to resume", file=sys.stderr)
+        return getattr(exc, "code", 130)
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import warnings
 from functools import partial
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from ..graph import structure_to_graph
+from ..interrupt import die_with_parent
 from ..structures import StructureEntry
 
 
@@ -55,6 +57,13 @@ def cpu_cores() -> int:
 def _init_worker() -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    # a forked worker inherits the parent's handlers (stop_on_signals raises in them): here SIGTERM, which the pool
+    # sends on shutdown, ends it as the pool expects; Ctrl-C is the parent's to handle; and it dies with the parent
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
 
 
 class converter:

@@ -129,7 +129,9 @@ def load_source(name: str, cutoff: float = 4.0, cache_dir: str | Path | None = N
     folder = dataset_folder(name)
     ids, formulas, ltc = read_labels(folder / "labels.csv")
     label = name if name in SOURCES else Path(name).resolve().name
-    cache_path = Path(cache_dir or megnet_paths.local_data_dir()) / f"{label}_cutoff{cutoff:g}.h5"
+    # two folders of one name (a/data, b/data) must not share a cache: a user folder's is named after its path too
+    stem = label if name in SOURCES else f"{label}-{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]}"
+    cache_path = Path(cache_dir or megnet_paths.local_data_dir()) / f"{stem}_cutoff{cutoff:g}.h5"
     cache = ensure_cache([folder], cache_path, cutoff=cutoff, progress=progress)
     position = {i: k for k, i in enumerate(cache.ids)}
     missing = [i for i in ids if i not in position]

@@ -71,7 +71,7 @@ def collapsed(rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any]]:
 
 def paper_name(init: str, dataset: str) -> str:
     """The paper's model name, e.g. ('fe+af', 'togo15') -> 'FEAFTG15'."""
-    return _INIT_PREFIX.get(init, init.upper()) + _DATASET_SUFFIX.get(dataset, dataset.upper())
+    return _INIT_PREFIX.get(init, init.upper()) + _DATASET_SUFFIX.get(dataset, Path(dataset).name.upper())
 
 
 def paper_value(init: str, dataset: str, test_dataset: str, metric: str) -> tuple[float, float | None] | None:

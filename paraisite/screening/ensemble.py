@@ -28,6 +28,7 @@ from megnet_pt.checkpoint import CheckpointError
 from ..checkpoint import load_ltc_model
 from .fused import FusedParAIsite
 from ..model import ParAIsite
+from ..training.provenance import check_file, run_record
 from ..training.rundir import RunDir
 from ..transform import TargetTransform, inverse_transform
 
@@ -54,10 +55,20 @@ class RunInfo:
 
 
 def load_ensemble(run_dir: str | Path, selection: str = "best", method: str = "fused") -> Ensemble:
-    """The models of every split of ``run_dir`` as one :class:`Ensemble` (in eval mode, on the CPU)."""
+    """The models of every split of ``run_dir`` as one :class:`Ensemble` (in eval mode, on the CPU).
+
+    Each file must be the ``selection`` model of the split of its folder, and all of one run: the run its
+    ``config.json`` names, where it has a readable one (:mod:`paraisite.training.provenance`)."""
+    run = RunDir(run_dir)
     models, transforms, metas, splits = [], [], [], []
-    for k, path in RunDir(run_dir).finished_checkpoints(selection):
+    checkpoints = run.finished_checkpoints(selection)
+    config = run.read_config()
+    for k, path in checkpoints:
         model, transform, meta = load_ltc_model(path)
+        if config is None and meta.get("run") is not None and metas and metas[0].get("run") is not None:
+            config = metas[0]["run"]["settings"] | {"inputs": metas[0]["run"]["inputs"]}  # one run: split 1's
+        check_file(meta, str(path), split=k, selection=selection,
+                   record=run_record(config) if config is not None else None)
         models.append(model)
         transforms.append(transform)
         metas.append(meta)

@@ -11,11 +11,12 @@ run that predicted something.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from megnet_pt.cache import GraphCache
+
+try:
+    import fcntl
+except ImportError:  # not on a POSIX system: no lock
+    fcntl = None
 from megnet_pt.download import sha256_file
 
 from ..training.rundir import RunDir
@@ -67,6 +73,34 @@ class ScanPaths:
     @property
     def meta(self) -> Path:
         return self.sidecar(".scan.json")
+
+    @property
+    def lock(self) -> Path:
+        return self.out.with_name(self.out.name + ".lock")
+
+
+@contextlib.contextmanager
+def hold_output(out: str | Path) -> Iterator[None]:
+    """One scan writing ``out`` at a time: a second one started beside it is refused, naming the first."""
+    path = ScanPaths(Path(out)).lock
+    if fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ScanError(f"{out}: another scan is writing it ({f.read().strip() or 'a running process'}); wait for it "
+                            "to finish, or give this one another --out") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
 
 
 def scan_meta(ensemble: "Ensemble", cache: GraphCache, header: list[str]) -> dict[str, Any]:

@@ -22,8 +22,10 @@ Output CSV columns, one row per input structure:
 ``warning`` is empty, or lists (separated by "; "): atoms without a neighbour
 within the cutoff (``megnet_pt.predict.isolated_warning``), elements absent from
 the training structures, more than ``SIZE_FACTOR`` times as many atoms as the
-largest training cell, and, starting with ``error:``, why a structure has no
-prediction (it could not be turned into a graph, or the models failed on it).
+largest training cell, predictions at or below 0 W/m/K (which no material has: a
+collapsed model; such rows are left out of the summary's rankings), and, starting
+with ``error:``, why a structure has no prediction (it could not be turned into a
+graph, or the models failed on it).
 
 Graphs are read from the cache a block at a time and rows are streamed to
 part files (:mod:`paraisite.screening.files`), so an interrupted scan resumes where
@@ -169,6 +171,13 @@ def batch_warnings(batch: Batch, cutoff: float, domain: TrainingDomain | None) -
             if n_sites[i] > limit:
                 notes[i].append(f"{n_sites[i]} atoms, far beyond the training cells (at most {domain.max_atoms})")
     return ["; ".join(n) for n in notes]
+
+
+def impossible_warnings(pred: np.ndarray) -> list[str]:
+    """A warning for each row of ``[B, M]`` predictions in which a model predicts <= 0 W/m/K."""
+    bad = (pred <= 0).sum(axis=1)
+    return [f"{n} of {pred.shape[1]} model(s) predict <= 0 W/m/K (impossible: a collapsed model; not ranked)" if n else ""
+            for n in bad.tolist()]
 
 
 def _number(value: float, digits: int = 7) -> str:
@@ -325,7 +334,8 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
     if len(mine):
         for batch in cache.iter_batches(batch_size, indices=mine):
             pred, eform, errors = predict_batch(batch, ensemble, device, eform_model)
-            warnings = batch_warnings(batch, cache.cutoff, domain)
+            warnings = ["; ".join(w for w in pair if w) for pair in
+                        zip(batch_warnings(batch, cache.cutoff, domain), impossible_warnings(pred))]
             notes = [e + ("; " + w if w else "") if e else w for e, w in zip(errors, warnings)]
             fields = cache.labels[[order[sid] for sid in batch.id]] if field_names else None
             rows = format_rows(batch.id, batch.formula, pred, descriptors(batch), eform, notes, with_eform, len(ensemble),

@@ -66,6 +66,7 @@ class Summary:
     predicted: int = 0
     errors: int = 0
     warned: int = 0
+    impossible: int = 0  # rows where a model predicts <= 0 W/m/K: flagged, never ranked
     top: list[dict[str, str]] = field(default_factory=list)
     hist: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES) + 1, dtype=np.int64))
     hist_models: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES) + 1, dtype=np.int64))
@@ -88,13 +89,17 @@ def summarize(out: str | Path, top: int = 30, correlations: bool = False) -> Sum
     pairs: dict[tuple[str, str], tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for chunk in read_rows(Path(out)):
         mean, std, top_max = _column(chunk, "ltc_mean"), _column(chunk, "ltc_std"), _column(chunk, "ltc_max")
+        members = np.stack([_column(chunk, c) for c in chunk[0] if c.startswith("ltc_split")], axis=1)
+        with np.errstate(invalid="ignore"):
+            impossible = (members <= 0).any(axis=1)
+        summary.impossible += int(impossible.sum())
         for k, row in enumerate(chunk):
             position = summary.rows + k
             if row["warning"].startswith("error:"):
                 summary.errors += 1
             elif row["warning"]:
                 summary.warned += 1
-            if math.isfinite(top_max[k]) and top > 0:
+            if math.isfinite(top_max[k]) and top > 0 and not impossible[k]:
                 item = (-top_max[k], -position, row)
                 if len(heap) < top:
                     heapq.heappush(heap, item)
@@ -104,7 +109,7 @@ def summarize(out: str | Path, top: int = 30, correlations: bool = False) -> Sum
         summary.predicted += int(ok.sum())
         summary.rows += len(chunk)
         summary.hist += np.bincount(np.digitize(mean[ok], HIST_EDGES), minlength=len(HIST_EDGES) + 1)
-        each = np.concatenate([_column(chunk, c) for c in chunk[0] if c.startswith("ltc_split")])
+        each = members.reshape(-1)
         summary.hist_models += np.bincount(np.digitize(each[np.isfinite(each)], HIST_EDGES), minlength=len(HIST_EDGES) + 1)
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = std / mean
@@ -228,6 +233,10 @@ def write_summary(out: str | Path, summary: Summary, top: int, notes: Sequence[s
     lines = [f"# LTC screening: {title}", "",
              f"{summary.rows} structures in {paths.out.name}: {summary.predicted} predicted, {summary.errors} without "
              f"a prediction (warning starts with 'error:'), {summary.warned} predicted with a warning.", ""]
+    if summary.impossible:
+        lines += [f"**{summary.impossible} structure(s) have a prediction at or below 0 W/m/K** from at least one model, "
+                  "which no material has (a collapsed model: docs/training.md); they are flagged in the warning column "
+                  "and left out of the rankings below.", ""]
     lines += [f"- {n}" for n in notes]
     lines += ["", f"## The {len(summary.top)} materials with the lowest max prediction (as Table S6)", "",
               "LTC in W/m/K; std is the sample standard deviation of the models' predictions.", "",

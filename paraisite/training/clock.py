@@ -2,10 +2,13 @@
 
 A job is one or two stages (for ``+af``: the AFLOW stage, then the target
 dataset), each a set of splits of ``epochs`` epochs over ``n_train``
-structures. Work is counted in structure-epochs; the pace is the wall time
-per structure-epoch measured on this job's own epochs, so the estimate of a
-stage not yet started scales with its size. Lines are printed (not redrawn),
-so they stay in a log: after the first two epochs, then about every minute.
+structures, shared by ``processes`` processes. Work is counted in
+structure-epochs; the pace is the wall time per structure-epoch measured on
+this process's own epochs, so the estimate of a stage not yet started scales
+with its size, and the whole job's work left is shared by the processes.
+Lines are printed (not redrawn), so they stay in a log: after the first two
+epochs, then about every minute; with several processes each prints its own,
+named after it.
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ from .rundir import RunDir
 
 
 @dataclass
-class Stage:
+class StageWork:
+    """The work of one stage of the job: every split of it, whichever process trains it."""
+
     name: str
     run: RunDir
-    splits: list[int]  # this process's share
+    splits: list[int]
     epochs: int
     n_train: int
 
@@ -51,23 +56,24 @@ def duration(seconds: float) -> str:
 @dataclass
 class JobClock:
     processes: int = 1
+    rank: int = 0
     every: float = 60.0  # seconds between progress lines
     out: TextIO = field(default=sys.stderr)
-    stages: list[Stage] = field(default_factory=list)
+    stages: list[StageWork] = field(default_factory=list)
     seconds: float = 0.0  # measured: wall time of the epochs trained so far ...
     units: int = 0  # ... and the structure-epochs they covered
     epochs_seen: int = 0
     last_line: float = field(default_factory=time.monotonic)
 
-    def add(self, stage: Stage) -> None:
+    def add(self, stage: StageWork) -> None:
         if stage.name not in [s.name for s in self.stages]:
             self.stages.append(stage)
 
     def estimate(self) -> float | None:
-        """Seconds left for this process's share of the whole job; None before an epoch is timed."""
+        """Seconds left for the whole job, its work shared by the processes; None before an epoch is timed."""
         if not self.units:
             return None
-        return self.seconds / self.units * sum(s.units_left() for s in self.stages)
+        return self.seconds / self.units * sum(s.units_left() for s in self.stages) / self.processes
 
     def epoch_done(self, stage_name: str, splits: list[int], epoch: int, seconds: float) -> None:
         stage = next(s for s in self.stages if s.name == stage_name)
@@ -79,11 +85,12 @@ class JobClock:
             self.last_line = now
             tqdm.write(self.line(stage, splits, epoch, seconds), file=self.out)  # above a progress bar, not into it
 
-    def line(self, stage: Stage, splits: list[int], epoch: int, seconds: float) -> str:
+    def line(self, stage: StageWork, splits: list[int], epoch: int, seconds: float) -> str:
         which = f"split {splits[0]}" if len(splits) == 1 else f"splits {','.join(map(str, splits))}"
-        place = f"{which} ({stage.splits.index(splits[0]) + 1} of {len(stage.splits)})" if len(splits) == 1 else which
         left = self.estimate()
-        share = " for this process's share" if self.processes > 1 else ""
+        who = f"process {self.rank + 1} of {self.processes}: " if self.processes > 1 else ""
         end = (datetime.now(timezone.utc) + timedelta(seconds=left)).strftime("%H:%M UTC") if left is not None else "?"
-        return (f"[{stage.name}] {place}, epoch {epoch} of {stage.epochs}, {seconds:.1f} s/epoch; whole job: about "
-                f"{duration(left or 0)} left{share} (ends near {end})")
+        done = sum(s.run.finished(k) for s in self.stages for k in s.splits)
+        models = sum(len(s.splits) for s in self.stages)
+        return (f"{who}[{stage.name}] {which}, epoch {epoch} of {stage.epochs}, {seconds:.1f} s/epoch; whole job: "
+                f"{done} of {models} models done, about {duration(left or 0)} left (ends near {end})")

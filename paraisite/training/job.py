@@ -1,52 +1,159 @@
-"""The paper's protocol for one model: train each split, score it, report; the AFLOW stage first for ``+af``.
+"""The job ``train.py`` runs: a list of (stage, splits) tasks, each trained once by whichever process is free.
 
-    config (what defines the run) + plan (how to carry it out)
-      -> [+af: the AFLOW stage of the same splits, trained first where unfinished]
-      -> per split: train (paraisite.training.loop.train), score on every test set (evaluate_split)
-      -> results.csv, predictions.csv, summary.md, curves.png, parity.png
+    python train.py --init fe+af --dataset togo15
+      stage FEAF      fe on aflow_agl into runs/fe_aflow_agl       tasks: split 1, ..., split 9
+      stage FEAFTG15  fe+af on togo15 into runs/fe+af_togo15       tasks: split 1, ..., split 9  (k needs FEAF k)
 
-Under torchrun each process takes every ``world``-th split; rank 0 writes
-``config.json`` and builds the graph caches before the others read them.
+A task is one split, or with ``--ensemble`` a group of splits stacked into one model (one group per process).
+The list is built once (:func:`build_job`); every process (``--processes N``, torchrun) then runs the same loop
+over it (:func:`run_job`):
+
+    while a task is not finished:
+        take the first task whose needs are finished and that no process holds (a lock file per split, which
+        the kernel releases when its process dies): train it (resuming its state), score it; else wait
+
+so that every task is trained exactly once, whichever process takes it, the processes stay busy while work is
+ready, and a re-run resumes every unfinished task. When all are done, rank 0 writes each stage's reports.
+Before any of it, rank 0 builds the graph caches and writes each run folder's ``config.json``; the other
+processes then only read them.
 """
 from __future__ import annotations
 
 import functools
+import os
 import platform
+import socket
 import sys
+import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
 from megnet_pt.checkpoint import CheckpointError
 
 from ..data.datasets import LTCDataset, dataset_folder, load_dataset, read_labels
-from .clock import JobClock, Stage
 from ..evaluation.paper_scale import PaperScale
-from .processes import barrier
 from ..evaluation.report import collapsed, paper_name, plot_curves, plot_parity, read_csv, summary_markdown, write_csv
-from .rundir import RunDir
-from .loop import TrainConfig, check_aflow_checkpoint, evaluate_split, split_groups, train
+from .clock import JobClock, StageWork
+from .loop import TrainConfig, check_aflow_checkpoint, evaluate_split, train
+from .processes import barrier
+from .provenance import check_folder, run_record
+from .rundir import RunDir, RunDirError
+
+try:
+    import fcntl
+except ImportError:  # not on a POSIX system: one process per job, no locks
+    fcntl = None
+
+POLL_SECONDS = 1.0  # how often a process with nothing ready looks again
+
+
+@dataclass
+class Stage:
+    """One model of the paper (FEAF, FEAFTG15, ...): its settings, its run folder, the datasets it is scored on."""
+
+    config: TrainConfig
+    run: RunDir
+    tests: list[str] = field(default_factory=list)  # besides its training set
+    record: dict | None = None  # the run's record (provenance.run_record), once its inputs are known
+
+    @property
+    def name(self) -> str:
+        return paper_name(self.config.init, self.config.dataset)
+
+    @property
+    def scored_on(self) -> list[str]:
+        return list(dict.fromkeys([self.config.dataset, *self.tests]))
+
+
+@dataclass
+class Task:
+    """Train and score ``splits`` of ``stage`` (more than one: stacked into one model), after ``needs``."""
+
+    stage: Stage
+    splits: list[int]
+    needs: list["Task"] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        which = f"split {self.splits[0]}" if len(self.splits) == 1 else f"splits {','.join(map(str, self.splits))}"
+        return f"{self.stage.name} {which}"
+
+    def finished(self) -> bool:
+        return all(self.stage.run.evaluated(k, self.stage.scored_on) for k in self.splits)
+
+    def trained(self) -> bool:
+        return all(self.stage.run.finished(k) for k in self.splits)
+
+    def ready(self) -> bool:
+        return all(need.trained() for need in self.needs)
 
 
 @dataclass
 class Plan:
-    """How to carry out a run; none of this changes its numbers (on the CPU)."""
+    """How to carry out a job; none of this changes its numbers (on the CPU)."""
 
-    splits: list[int]
-    run: RunDir
-    tests: list[str] = field(default_factory=list)  # datasets scored besides the training set
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    stacked: bool = False  # the splits of each process trained together (--ensemble)
+    stacked: bool = False  # each task's splits trained together (--ensemble)
     cuda_graphs: bool = True
     deadline: float | None = None  # time.monotonic() value after which no new epoch starts
-    progress: bool = True
+    progress: bool = True  # progress bars
     rank: int = 0
     world: int = 1
-    clock: JobClock | None = None  # progress lines and the estimate of the time left (rank 0)
+    clock: JobClock | None = None  # progress lines and the estimate of the time left
 
-    def for_aflow_stage(self, config: TrainConfig, splits: list[int]) -> "Plan":
-        return Plan(splits, RunDir(config.aflow_run), [], self.device, self.stacked, self.cuda_graphs, self.deadline,
-                    self.progress, self.rank, self.world, self.clock)
+
+def build_job(config: TrainConfig, splits: list[int], run: RunDir, tests: list[str] = (), stacked: bool = False,
+              world: int = 1, train_aflow: bool = True) -> list[Task]:
+    """Every task of the job, in the order processes take them: for ``+af``, the AFLOW stage first (unless
+    ``train_aflow`` is False: an ``--aflow-run`` given by the user, finished, is an input, not a stage)."""
+    stages = [Stage(config, run, list(tests))]
+    if config.aflow_run and train_aflow:
+        stages.insert(0, Stage(config.aflow_stage(), RunDir(config.aflow_run)))
+    groups = ([g for g in (splits[r::world] for r in range(world)) if g] if stacked else [[k] for k in splits])
+    tasks: list[Task] = []
+    for i, stage in enumerate(stages):
+        before = {tuple(t.splits): t for t in tasks if t.stage is stages[i - 1]} if i else {}
+        tasks += [Task(stage, g, [before[tuple(g)]] if before else []) for g in groups]
+    return tasks
+
+
+def stages_of(tasks: list[Task]) -> list[Stage]:
+    return list({id(t.stage): t.stage for t in tasks}.values())
+
+
+def describe_job(tasks: list[Task]) -> str:
+    """What a job will train, up front: each stage's models, epochs and folder, and what is already done."""
+    parts = []
+    for stage in stages_of(tasks):
+        splits = [k for t in tasks if t.stage is stage for k in t.splits]
+        done = [k for k in splits if stage.run.finished(k)]
+        cfg = stage.config
+        parts.append(f"{len(splits)} {stage.name} model(s) ({cfg.init} on {cfg.dataset}, {cfg.epochs} epochs each) "
+                     f"into {stage.run}" + (" (the AFLOW stage)" if cfg.dataset == "aflow_agl" and len(tasks) > len(splits)
+                                             else "") + (f", {len(done)} already finished" if done else ""))
+    models = sum(len(t.splits) for t in tasks)
+    splits = sorted({k for t in tasks for k in t.splits})
+    return "plan: " + ", then ".join(parts) + f"; {models} models in all, split(s) {','.join(map(str, splits))}"
+
+
+def describe_progress(tasks: list[Task]) -> str:
+    """Where the unfinished tasks stand on disk: what a re-run resumes from."""
+    started = []
+    for task in tasks:
+        if not task.trained():
+            run, k = task.stage.run, task.splits[0]
+            epochs = len(read_csv(run.curve(k))) if run.curve(k).is_file() else 0
+            if epochs:
+                started.append(f"{task} at epoch {epochs} of {task.stage.config.epochs}")
+    done = sum(t.trained() for t in tasks)
+    return f"{done} of {len(tasks)} tasks trained" + (f", {', '.join(started)} saved" if started else "")
+
+
+def parallel_tasks(tasks: list[Task]) -> int:
+    """How many unfinished tasks one stage still has: the most processes the job can keep busy."""
+    return max([sum(not t.trained() for t in tasks if t.stage is s) for s in stages_of(tasks)] or [0])
 
 
 def check_given_aflow_run(config: TrainConfig, splits: list[int]) -> None:
@@ -61,6 +168,157 @@ def check_given_aflow_run(config: TrainConfig, splits: list[int]) -> None:
                               f"final.pt); finish it first (python train.py --init {config.init.split('+')[0]} --dataset "
                               f"aflow_agl --run-dir {aflow} with its --epochs), or leave out --aflow-run to have it trained here")
 
+
+# --- before training: data and config.json -------------------------------------------------------
+
+def recorded_config(config: TrainConfig, data: LTCDataset) -> dict:
+    """What ``config.json`` holds: the settings, and the digest of the inputs the run is trained on."""
+    return config.to_dict() | {"inputs": {data.name: data.sources_sha256}}
+
+
+def check_finished_aflow_models(tasks: list[Task]) -> None:
+    """A ``+af`` job whose AFLOW models are already there: each must be the one it needs (nothing written yet)."""
+    for task in tasks:
+        config = task.stage.config
+        for k in task.splits if config.aflow_run else []:
+            if RunDir(config.aflow_run).finished(k):
+                check_aflow_checkpoint(RunDir(config.aflow_run), config.init, k, config.cutoff)
+
+
+def prepare(tasks: list[Task], plan: Plan) -> dict[int, dict[str, LTCDataset]]:
+    """The datasets of every stage with work left (and of the job's own stage), by ``id(stage)``, each run folder's
+    ``config.json`` checked or written; rank 0 first (it builds the graph caches), then the others.
+
+    A finished AFLOW stage is not loaded, but its settings are still checked (without the inputs' digest)."""
+    check_finished_aflow_models(tasks)
+    datasets: dict[int, dict[str, LTCDataset]] = {}
+    stages = stages_of(tasks)
+
+    def load() -> None:
+        for stage in stages:
+            loaded = None
+            if stage is stages[-1] or not all(t.finished() for t in tasks if t.stage is stage):
+                loaded = {n: load_dataset(n, cutoff=stage.config.cutoff, progress=plan.progress and plan.rank == 0)
+                          for n in stage.scored_on}
+                datasets[id(stage)] = loaded
+            config = recorded_config(stage.config, loaded[stage.config.dataset]) if loaded else stage.config.to_dict()
+            stage.record = run_record(config)
+            try:  # the files first: config.json is then written (or rebuilt) only for a folder that holds this run
+                check_folder(stage.run, stage.record)
+                stage.run.check_config(config, TrainConfig().to_dict(), rebuild_damaged=True)
+            except (CheckpointError, RunDirError) as exc:
+                if stage is stages[-1]:
+                    raise
+                raise type(exc)(f"{exc} [the AFLOW stage of this job: to start from the models there as they are, "
+                                f"name the folder with --aflow-run {stage.run}]") from exc
+        for stage in stages:  # an --aflow-run given by the user: its models must be of the run its config.json names
+            aflow = RunDir(stage.config.aflow_run) if stage.config.aflow_run else None
+            if aflow is not None and not any(s.run.path == aflow.path for s in stages) and aflow.read_config():
+                check_folder(aflow, run_record(aflow.read_config()))
+
+    if plan.rank == 0:
+        load()
+    barrier(plan.world)
+    if plan.rank != 0:
+        load()
+    return datasets
+
+
+# --- the loop every process runs -----------------------------------------------------------------
+
+@contextmanager
+def claim(task: Task) -> Iterator[bool]:
+    """Hold every split of ``task`` (True), or none when another process holds one (False).
+
+    One lock file per split, ``flock``ed: the kernel lets go of it when its process ends, however it ends.
+    """
+    if fcntl is None:
+        yield True
+        return
+    with ExitStack() as held:
+        for k in task.splits:
+            path = task.stage.run.lock(k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = held.enter_context(open(path, "a+"))
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+        yield True
+
+
+def run_job(tasks: list[Task], plan: Plan) -> bool:
+    """Train and score tasks until none is left (True) or the deadline passes (False); see the module docstring."""
+    datasets = prepare(tasks, plan)
+    scales = {id(s): paper_scale(s, datasets[id(s)]) for s in stages_of(tasks) if id(s) in datasets}
+    if plan.clock is not None:
+        for stage in stages_of(tasks):
+            splits = [k for t in tasks if t.stage is stage for k in t.splits]
+            data = datasets.get(id(stage), {}).get(stage.config.dataset)
+            n_train = len(data.training_parts(splits[0], stage.config.select_holdout)[0]) if data else 0
+            plan.clock.add(StageWork(stage.name, stage.run, splits, stage.config.epochs, n_train))
+    work(tasks, datasets, scales, plan)
+    barrier(plan.world)  # every process has stopped: finished, or at the deadline
+    if plan.rank == 0:
+        for stage in stages_of(tasks):
+            if all(t.finished() for t in tasks if t.stage is stage):
+                write_reports(stage.run, stage.config, plan.device)
+    return all(t.finished() for t in tasks)
+
+
+def work(tasks: list[Task], datasets: dict[int, dict[str, LTCDataset]], scales: dict[int, PaperScale | None],
+         plan: Plan) -> None:
+    """This process's part: take tasks until none is left or the deadline has passed (checked between epochs, as
+    in the loop: the first epoch of the first task is always trained)."""
+    started = False
+    while True:
+        todo = [t for t in tasks if not t.finished()]
+        if not todo or (started and plan.deadline is not None and time.monotonic() > plan.deadline):
+            return
+        for task in (t for t in todo if t.ready()):
+            with claim(task) as mine:
+                if mine and not task.finished():  # another process may have finished it since the look
+                    started = True
+                    if not run_task(task, datasets[id(task.stage)], scales[id(task.stage)], plan):
+                        return
+                    break
+        else:
+            started = True  # waiting counts as time spent: past the deadline, stop waiting
+            time.sleep(POLL_SECONDS)  # what is left is held by other processes, or waits for their tasks
+
+
+def paper_scale(stage: Stage, datasets: dict[str, LTCDataset]) -> PaperScale | None:
+    # the module of a +af model carries AFLOW's scaler upstream (paraisite/evaluation/paper_scale.py); float32, as LTCDataset.ltc
+    aflow_ltc = (torch.tensor(read_labels(dataset_folder("aflow_agl") / "labels.csv")[2], dtype=torch.float32)
+                 if stage.config.aflow_run else None)
+    return PaperScale.for_run(stage.config.init, datasets[stage.config.dataset], aflow_ltc)
+
+
+def run_task(task: Task, datasets: dict[str, LTCDataset], scale: PaperScale | None, plan: Plan) -> bool:
+    """Train the task's splits (resuming) and score each; False when the deadline stopped it."""
+    stage, run = task.stage, task.stage.run
+    on_epoch = functools.partial(plan.clock.epoch_done, stage.name) if plan.clock is not None else None
+    if not train(datasets[stage.config.dataset], task.splits, stage.config, run, plan.device, plan.stacked,
+                 plan.deadline, plan.progress, plan.cuda_graphs, on_epoch):
+        return False
+    for k in task.splits:
+        if run.evaluated(k, list(datasets)):
+            continue
+        rows, preds = evaluate_split(k, run, datasets, plan.device, scale, stage.record)
+        for r in collapsed(rows, stage.config.dataset):
+            print(f"warning: {run.checkpoint(k, r['selection'])} (epoch {r['epoch']}) collapsed: "
+                  f"{float(r['share_nonpositive']):.0%} of its {stage.config.dataset} validation predictions are "
+                  "<= 0 W/m/K (docs/training.md)", file=sys.stderr)
+        write_csv(run.predictions(k), preds)
+        write_csv(run.results(k), rows)
+    return True
+
+
+# --- after training: the reports of a run folder --------------------------------------------------
 
 def hardware(device: torch.device) -> str:
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -85,102 +343,3 @@ def write_reports(run: RunDir, config: TrainConfig, device: torch.device) -> Non
     plot_curves(curves, run.path / "curves.png", f"{name}: MAPE per epoch")
     own = [r for r in predictions if r["test_dataset"] == config.dataset]
     plot_parity(own, run.path / "parity.png", f"{name}: validation, {len(splits)} split(s)")
-
-
-def recorded_config(config: TrainConfig, data: LTCDataset) -> dict:
-    """What ``config.json`` holds: the settings, and the digest of the inputs the run is trained on."""
-    return config.to_dict() | {"inputs": {data.name: data.sources_sha256}}
-
-
-def _datasets(config: TrainConfig, plan: Plan, needs_stage: bool) -> dict[str, LTCDataset]:
-    """The datasets (graph caches built into ./data first); then each run folder's config.json is checked or written."""
-    names = dict.fromkeys([config.dataset, *plan.tests])
-    datasets = {name: load_dataset(name, cutoff=config.cutoff, progress=plan.progress) for name in names}
-    if needs_stage:
-        aflow = load_dataset("aflow_agl", cutoff=config.cutoff, progress=plan.progress)
-        RunDir(config.aflow_run).check_config(recorded_config(config.aflow_stage(), aflow), TrainConfig().to_dict())
-    plan.run.check_config(recorded_config(config, datasets[config.dataset]), TrainConfig().to_dict())
-    return datasets
-
-
-def run_protocol(config: TrainConfig, plan: Plan, report: bool = True) -> bool:
-    """Train and score this process's share of ``plan.splits``; True when every split of the plan is scored."""
-    mine = plan.splits[plan.rank :: plan.world]
-    aflow = RunDir(config.aflow_run) if config.init in ("fe+af", "rw+af") else None
-    needs_stage = aflow is not None and any(not aflow.finished(k) for k in plan.splits)
-    if aflow is not None:  # before anything is written: a refused AFLOW model leaves no config.json behind
-        for k in mine:
-            if aflow.finished(k):
-                check_aflow_checkpoint(aflow, config.init, k, config.cutoff)
-    # Under torchrun, rank 0 writes config.json and builds the graph caches; the others then only read them.
-    datasets = _datasets(config, plan, needs_stage) if plan.rank == 0 else {}
-    barrier(plan.world)
-    if plan.rank != 0:
-        datasets = _datasets(config, plan, needs_stage)
-    data = datasets[config.dataset]
-    name = paper_name(config.init, config.dataset)
-    on_epoch = None
-    if plan.clock is not None and mine:
-        n_train = len(data.training_parts(mine[0], config.select_holdout)[0])
-        plan.clock.add(Stage(name, plan.run, mine, config.epochs, n_train))
-        on_epoch = functools.partial(plan.clock.epoch_done, name)
-    if aflow is not None:
-        missing = [k for k in mine if not aflow.finished(k)]  # never started or interrupted: trained or resumed here
-        if missing:
-            stage = config.aflow_stage()
-            print(f"AFLOW stage of split(s) {missing} not finished in {aflow}: training it first ({stage.init}, aflow_agl)",
-                  file=sys.stderr)
-            if not run_protocol(stage, plan.for_aflow_stage(config, missing), report=plan.world == 1):
-                return False
-    # the module of a +af model carries AFLOW's scaler upstream (paraisite/evaluation/paper_scale.py); float32, as LTCDataset.ltc
-    aflow_ltc = (torch.tensor(read_labels(dataset_folder("aflow_agl") / "labels.csv")[2], dtype=torch.float32)
-                 if aflow is not None else None)
-    paper_scale = PaperScale.for_run(config.init, data, aflow_ltc)
-    run = plan.run
-    for group in split_groups(mine, plan.stacked):
-        if not train(data, group, config, run, plan.device, plan.stacked, plan.deadline, plan.progress, plan.cuda_graphs,
-                     on_epoch):
-            return False
-        for k in group:
-            if run.evaluated(k, list(datasets)):
-                continue
-            rows, preds = evaluate_split(k, run, datasets, plan.device, paper_scale)
-            for r in collapsed(rows, config.dataset):
-                print(f"warning: {run.checkpoint(k, r['selection'])} (epoch {r['epoch']}) collapsed: "
-                      f"{float(r['share_nonpositive']):.0%} of its {config.dataset} validation predictions are "
-                      "<= 0 W/m/K (docs/training.md)", file=sys.stderr)
-            write_csv(run.predictions(k), preds)
-            write_csv(run.results(k), rows)
-    if report and plan.world == 1 and all(run.results(k).is_file() for k in plan.splits):
-        write_reports(run, config, plan.device)
-    return True
-
-
-def finish_distributed(config: TrainConfig, plan: Plan) -> bool:
-    """After every process is done (rank 0): the reports of the run and of its AFLOW stage."""
-    done = all(plan.run.results(k).is_file() for k in plan.splits)
-    if done:
-        write_reports(plan.run, config, plan.device)
-        aflow = RunDir(config.aflow_run) if config.aflow_run else None
-        if aflow is not None and aflow.path.is_dir():
-            write_reports(aflow, config.aflow_stage(), plan.device)
-    return done
-
-
-def describe_job(config: TrainConfig, splits: list[int], run: RunDir) -> str:
-    """What a job will train, up front: each stage's models, epochs and folder, and what is already done."""
-    def stage(cfg: TrainConfig, folder: RunDir) -> str:
-        done = [k for k in splits if folder.finished(k)]
-        return (f"{len(splits)} {paper_name(cfg.init, cfg.dataset)} model(s) ({cfg.init} on {cfg.dataset}, {cfg.epochs} "
-                f"epochs each) into {folder}" + (f", {len(done)} already finished" if done else ""))
-
-    parts = [stage(config, run)]
-    if config.aflow_run:
-        parts.insert(0, stage(config.aflow_stage(), RunDir(config.aflow_run)) + " (the AFLOW stage)")
-    total = len(splits) * len(parts)
-    return "plan: " + ", then ".join(parts) + f"; {total} models in all, split(s) {','.join(map(str, splits))}"
-
-
-def describe_start(config: TrainConfig, plan: Plan) -> str:
-    return (f"{paper_name(config.init, config.dataset)}: split(s) {','.join(map(str, plan.splits))} of "
-            f"{config.dataset} into {plan.run}")

@@ -47,6 +47,7 @@ from ..model import ParAIsite, predict, published_megnet
 from ..evaluation.paper_scale import PaperScale
 from ..evaluation.report import write_csv
 from ..evaluation.metrics import regression_metrics
+from .provenance import check_file, run_record
 from .rundir import RunDir
 from .steps import PlainStep, StackedStep
 from ..transform import TargetTransform
@@ -55,7 +56,7 @@ INITS = ("rw", "fe", "fe+af", "rw+af")
 T_MAX = 1000
 ETA_MIN = 1e-5
 STATE_FORMAT = "paraisite.train_state"
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: with the run's record (paraisite.training.provenance)
 
 
 # Named settings off the paper's protocol (train.py --recipe); "paper" is the protocol itself. "robust" is the
@@ -146,7 +147,7 @@ def epoch_generator(seed: int, k: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + k * 10_007 + epoch)
 
 
-def _load_state(path, group: list[int], dataset: str) -> dict:
+def _load_state(path, group: list[int], dataset: str, record: dict[str, Any]) -> dict:
     try:
         state = load_plain(path)
     except CheckpointError as exc:
@@ -158,10 +159,12 @@ def _load_state(path, group: list[int], dataset: str) -> dict:
     if state.get("splits") != group or state.get("dataset") != dataset:
         raise CheckpointError(f"{path}: resume state of split(s) {state.get('splits')} on {state.get('dataset')!r}, "
                               f"not of split(s) {group} on {dataset!r}; delete it to restart")
+    check_file(state, str(path), record=record)  # written by a run of other settings: resuming it would lie
     return state
 
 
-def _find_state(run: RunDir, pending: list[int], epochs: int, dataset: str) -> tuple[list[int], dict | None]:
+def _find_state(run: RunDir, pending: list[int], epochs: int, dataset: str,
+                record: dict[str, Any]) -> tuple[list[int], dict | None]:
     """The group to train (normally ``pending``) and its resume state, refusing states of other groups.
 
     A complete state of a larger group whose other splits are finished is that
@@ -171,7 +174,7 @@ def _find_state(run: RunDir, pending: list[int], epochs: int, dataset: str) -> t
         if theirs == pending or not set(theirs) & set(pending):
             continue
         if set(pending) < set(theirs) and all(run.finished(k) for k in set(theirs) - set(pending)):
-            state = _load_state(path, theirs, dataset)
+            state = _load_state(path, theirs, dataset, record)
             if len(state["curves"][theirs[0]]) == epochs:
                 return theirs, state
         how, was = ("with --ensemble", "trained together") if len(theirs) > 1 else ("without --ensemble", "trained on its own")
@@ -179,7 +182,7 @@ def _find_state(run: RunDir, pending: list[int], epochs: int, dataset: str) -> t
             f"{path}: resume state of split(s) {theirs} {was}, but split(s) {pending} are to be trained "
             f"together now; run {how} --splits {','.join(map(str, theirs))}, to resume it, or delete it to restart")
     path = run.state(pending)
-    return pending, (_load_state(path, pending, dataset) if path.is_file() else None)
+    return pending, (_load_state(path, pending, dataset, record) if path.is_file() else None)
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -214,7 +217,8 @@ def split_groups(splits: list[int], stacked: bool) -> list[list[int]]:
 def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run: RunDir, device: torch.device,
                  stacked: bool, deadline: float | None, progress: bool, cuda_graphs: bool,
                  on_epoch: Callable[[list[int], int, float], None] | None = None) -> bool:
-    group, state = _find_state(run, pending, config.epochs, data.name)
+    record = run_record(config.to_dict(), {data.name: data.sources_sha256})
+    group, state = _find_state(run, pending, config.epochs, data.name, record)
     M = len(group)
     train_idx, select_idx, val_idx = (list(p) for p in zip(*(data.training_parts(k, config.select_holdout) for k in group)))
     n_train = len(train_idx[0])
@@ -246,7 +250,7 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
     for k in group:
         run.split(k).mkdir(parents=True, exist_ok=True)
     start = len(curves[group[0]])
-    meta = dict(init=config.init, dataset=data.name)
+    meta = dict(init=config.init, dataset=data.name, run=record)
 
     name = f"split {group[0]}" if M == 1 else f"splits {','.join(map(str, group))}"
     if state is not None:
@@ -290,7 +294,7 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
                 member["swa"] = weight_sums[k]
         atomic_save({"format": STATE_FORMAT, "version": STATE_VERSION, "splits": group, "dataset": data.name,
                      "members": members, "sha256": tensors_sha256(members), "param_groups": param_groups,
-                     "scheduler": scheduler.state_dict(), "curves": curves, "bests": bests}, path)
+                     "scheduler": scheduler.state_dict(), "curves": curves, "bests": bests, "run": record}, path)
         for k in group:
             write_csv(run.curve(k), curves[k])
         if on_epoch is not None:
@@ -325,7 +329,8 @@ def mean_weights(total: dict[str, torch.Tensor], like: dict[str, torch.Tensor], 
 # --- scoring a finished split ----------------------------------------------------------------
 
 def evaluate_split(
-    k: int, run: RunDir, datasets: dict[str, LTCDataset], device: torch.device, paper_scale: PaperScale | None = None
+    k: int, run: RunDir, datasets: dict[str, LTCDataset], device: torch.device, paper_scale: PaperScale | None = None,
+    record: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Score the best and final models of split ``k`` on each dataset's validation part of seed ``k``.
 
@@ -334,10 +339,12 @@ def evaluate_split(
     (:mod:`paraisite.evaluation.paper_scale`); empty without. ``share_nonpositive`` is the
     share of predictions at or below 0 W/m/K, which no material has: most of
     them there means the model collapsed (:func:`paraisite.evaluation.report.collapsed`).
+    Each file must be of split ``k`` and its selection, and of the run ``record`` when given.
     """
     rows, preds = [], []
     for selection in ("best", "final"):
         model, transform, meta = load_ltc_model(run.checkpoint(k, selection))
+        check_file(meta, str(run.checkpoint(k, selection)), split=k, selection=selection, record=record)
         model.to(device)
         for name, data in datasets.items():
             _, val_idx = data.split(k)

@@ -4,6 +4,7 @@
 
     config.json                  the settings that define the run (two runs in one folder must agree)
     state_<k1>-<k2>-....pt       resume state of the splits being trained together (one split: state_<k>.pt)
+    .split<k>.lock               held by the process training split k (the kernel lets go when it ends)
     split<k>/best.pt             the model of the epoch chosen on the selection part
     split<k>/final.pt            the model after the last epoch; its presence means split k is finished
     split<k>/curve.csv           one row per epoch
@@ -19,6 +20,7 @@ import csv
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,10 @@ class RunDir:
     def predictions(self, k: int | None = None) -> Path:
         return (self.split(k) if k is not None else self.path) / "predictions.csv"
 
+    def lock(self, k: int) -> Path:
+        """The lock file of split ``k``, held (``flock``) by the process training it (paraisite.training.job)."""
+        return self.path / f".split{k}.lock"
+
     def finished(self, k: int) -> bool:
         """Split ``k`` trained to its last epoch: ``final.pt`` (and ``best.pt``) written.
 
@@ -156,9 +162,20 @@ class RunDir:
         return self.path / "config.json"
 
     def read_config(self) -> dict[str, Any] | None:
-        return json.loads(self.config_path.read_text()) if self.config_path.is_file() else None
+        """The settings in ``config.json`` (None without one); a damaged one is a :class:`RunDirError` naming it."""
+        if not self.config_path.is_file():
+            return None
+        try:
+            config = json.loads(self.config_path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RunDirError(f"{self.config_path}: not valid JSON ({exc}); the run's settings are also recorded in "
+                              "each of its model files: re-run the command that trained it to rebuild it") from exc
+        if not isinstance(config, dict):
+            raise RunDirError(f"{self.config_path}: not a run's settings (a JSON object was expected)")
+        return config
 
-    def check_config(self, config: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+    def check_config(self, config: dict[str, Any], defaults: dict[str, Any] | None = None,
+                     rebuild_damaged: bool = False) -> None:
         """Write ``config.json`` on first use; refuse a folder that holds a run with other settings.
 
         Processes that start on one new folder at once (one split each) may all
@@ -166,9 +183,19 @@ class RunDir:
         settings with the one that landed. A setting missing from an older
         config.json counts as its value in ``defaults`` (what runs had before the
         setting existed), else None; ``inputs`` (the digest of the training
-        data) missing there is not known, so not compared.
+        data) missing there is not known, so not compared. With
+        ``rebuild_damaged`` (the caller has checked that every model file in
+        the folder is of this run), a damaged ``config.json`` is kept as
+        ``config.json.damaged`` and written again.
         """
         current = _normalised(config)
+        if rebuild_damaged and self.config_path.is_file():
+            try:
+                self.read_config()
+            except RunDirError as exc:
+                os.replace(self.config_path, self.config_path.with_name("config.json.damaged"))
+                print(f"warning: {exc.args[0].split(';')[0]}; kept as config.json.damaged and written again from "
+                      "this command's settings, which every model file in the folder carries", file=sys.stderr)
         if not self.config_path.is_file():
             self.path.mkdir(parents=True, exist_ok=True)
             tmp = self.config_path.with_name(f"config.json.{os.getpid()}.tmp")
