@@ -1,7 +1,10 @@
 """Screen crystal structures for lattice thermal conductivity with the nine models of a ParAIsite run.
 
-    python scan.py mp_stable.h5 [--models runs/fe+af_togo15] [--out mp_stable_ltc.csv] [--top 30]
-                   [--with-eform] [--correlations] [--batch-size N] [--device auto|cpu|cuda]
+    python scan.py mp_stable.h5 [--models weights/ltc_fe_togo15_log10_clip10 | runs/<run>] [--out mp_stable_ltc.csv]
+                   [--top 30] [--with-eform] [--correlations] [--batch-size N] [--device auto|cpu|cuda]
+
+The default models are the ensemble shipped in weights/ (its model card: weights/<name>/README.md); a run of
+your own (python train.py ... writes runs/<init>_<dataset>) is used with --models.
 
 As in the paper's screening of ~34k stable Materials Project materials: every
 structure gets the prediction of each split's model, their mean, standard
@@ -28,6 +31,7 @@ from megnet_pt.checkpoint import CheckpointError
 from megnet_pt.elements import ELEMENTS
 from megnet_pt.interrupt import Interrupted, os_error, stop_on_signals
 from paraisite.screening.ensemble import load_ensemble
+from paraisite.screening.shipped import default_models
 from paraisite.screening.fused import FusedEform
 from paraisite.model import published_megnet
 from paraisite.data.paths import use_base_url
@@ -38,7 +42,7 @@ from paraisite.screening.files import ScanError, hold_output, record_run
 from paraisite.screening.summary import summarize, write_summary
 from paraisite.screening.scan import ScanSettings, run_scan, training_domain
 
-DEFAULT_MODELS = "runs/fe+af_togo15"
+DEFAULT_MODELS = default_models()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,16 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
             "beside it: <base>.summary.md (top table, correlations), <base>.ltc.png, <base>.spread.png, <base>.scan.json.\n"
             "while running, rows go to <out>.parts/rank<r>.csv as they are produced; a re-run resumes from them.\n\n"
             "examples:\n"
-            "  python train.py --init fe+af --dataset togo15          # the default models: runs/fe+af_togo15\n"
+            "  python scan.py a.cif b.cif                              # the shipped ensemble (weights/)\n"
+            "  python scan.py a.cif --models runs/fe+af_togo15          # the models of a run of your own\n"
             "  python -m megnet_pt.cache build --from-mp is_stable=true -o mp_stable.h5 --workers 8   # needs MP_API_KEY\n"
             "  python scan.py mp_stable.h5 --with-eform --correlations\n"
             "  torchrun --nproc-per-node 4 scan.py mp_stable.h5     # 4 processes (GPUs if present), one output"
         ),
     )
     p.add_argument("inputs", nargs="+", help="a graph cache (.h5), or structure files/folders to cache first")
-    p.add_argument("--models", default=DEFAULT_MODELS, help="run folder holding split<k>/best.pt (default: %(default)s)")
-    p.add_argument("--selection", default="best", choices=SELECTIONS,
-                   help="which checkpoint of each split: best (lowest validation loss) or final (default: %(default)s)")
+    p.add_argument("--models", default=DEFAULT_MODELS, help="a shipped ensemble or a run folder holding split<k>/best.pt "
+                   f"(default: the shipped {DEFAULT_MODELS.name})")
+    p.add_argument("--selection", default=None, choices=SELECTIONS,
+                   help="which checkpoint of each split of a run: best (lowest validation loss, the default) or final; "
+                   "a shipped ensemble has its own (final)"),
     p.add_argument("--out", default=None, help="CSV to write (default: <input name>_ltc.csv)")
     p.add_argument("--top", type=int, default=30, help="materials with the lowest max prediction in the summary (default: %(default)s)")
     p.add_argument("--with-eform", action="store_true",
@@ -172,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     done = report.predicted + report.failed
     rate = f", {done / seconds:.1f} structures/s per process" if done and seconds > 0 else ""
-    title = f"{paper_name(info.init, info.dataset)} ({len(ensemble)} models, {info.selection}) on {cache.path.name}"
+    name = info.run_dir.name if info.shipped else paper_name(info.init, info.dataset)
+    title = f"{name} ({len(ensemble)} models, {info.selection}) on {cache.path.name}"
     runs = record_run(out, {"started_utc": started_utc, "processes": world, "device": str(device), "structures": done,
                             "seconds": f"{seconds:.2f}", "structures_per_s": f"{done / seconds:.1f}" if seconds > 0 else "",
                             "already_done": report.skipped})

@@ -23,6 +23,7 @@ Fields of the returned ``Data``:
 from __future__ import annotations
 
 import math
+import warnings
 
 from typing import Any
 
@@ -46,7 +47,7 @@ def as_structure(obj: Any, id: str | None = None) -> Structure:
     """Accept a pymatgen ``Structure`` or an ASE ``Atoms``."""
     if isinstance(obj, Structure):
         return obj
-    if type(obj).__name__ == "Atoms" and type(obj).__module__.startswith("ase"):
+    if any(c.__name__ == "Atoms" and c.__module__.startswith("ase") for c in type(obj).__mro__):  # subclasses too
         if not all(obj.pbc) or obj.cell.rank < 3:
             raise StructureError(f"{id or obj.get_chemical_formula()}: ASE Atoms must be periodic in 3D with a full cell")
         from pymatgen.io.ase import AseAtomsAdaptor
@@ -55,9 +56,21 @@ def as_structure(obj: Any, id: str | None = None) -> Structure:
     raise TypeError(f"{id or 'structure'}: expected a pymatgen Structure or ASE Atoms, got {type(obj).__name__}")
 
 
+def reduced_formula(structure: Structure) -> str:
+    """``structure``'s reduced formula, quietly.
+
+    pymatgen orders a formula's elements by Pauling electronegativity and warns ("No Pauling electronegativity
+    for He. Setting to NaN") for the noble gases that have none; it changes only where He, Ne or Ar stand in the
+    formula string, nothing of the graph or the prediction.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No Pauling electronegativity", category=UserWarning)
+        return structure.composition.reduced_formula
+
+
 def element_indices(structure: Structure, id: str | None = None) -> np.ndarray:
     """Element index of every site; clear errors for disorder and unknown elements."""
-    name = id or structure.formula
+    name = id or reduced_formula(structure)
     if len(structure) == 0:
         raise StructureError(f"{name}: the structure has no sites")
     try:
@@ -115,7 +128,7 @@ def structure_to_graph(structure: Any, cutoff: float = DEFAULT_CUTOFF, id: str |
     """Build the MEGNet graph of one crystal (see the module docstring)."""
     check_cutoff(cutoff)
     structure = as_structure(structure, id)
-    formula = structure.composition.reduced_formula  # pymatgen rebuilds the composition on every access: once
+    formula = reduced_formula(structure)  # pymatgen rebuilds the composition on every access: once
     name = id or formula
     node_type = element_indices(structure, name)
     lattice = structure.lattice.matrix

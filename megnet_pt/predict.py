@@ -21,7 +21,7 @@ from torch_geometric.data import Batch, Data
 from tqdm import tqdm
 
 from .download import use_base_url
-from .graph import StructureError, isolated_atoms, structure_to_graph
+from .graph import StructureError, isolated_atoms, reduced_formula, structure_to_graph
 from .model import MEGNet
 from .structures import StructureEntry, StructureInputs, collect_structures, structure_id
 
@@ -70,7 +70,7 @@ def predict_files(
             row["id"] = entry.id
             try:
                 structure = entry.load()
-                row["formula"] = structure.composition.reduced_formula
+                row["formula"] = reduced_formula(structure)
                 g = structure_to_graph(structure, cutoff=cutoff, id=row["id"])
                 row.update(n_atoms=g.num_nodes, n_edges=g.num_edges, warning=graph_warning(g, cutoff))
                 slots.append(len(rows))

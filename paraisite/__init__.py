@@ -8,4 +8,9 @@
     screening/    the ensemble of a run, its fused inference pass, scan.py's output files and summary
 
 Data flows one way: structures -> graphs (megnet_pt.cache) -> batches -> model -> predictions -> metrics/reports.
+
+``load_ltc_model().predict([structure])`` is the shipped ensemble (weights/) from Python.
 """
+from .screening.predictor import load_ltc_model
+
+__all__ = ["load_ltc_model"]

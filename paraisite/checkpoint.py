@@ -42,7 +42,7 @@ def read_model_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_ltc_model(path: str | Path) -> tuple[ParAIsite, TargetTransform, dict[str, Any]]:
+def load_model_file(path: str | Path) -> tuple[ParAIsite, TargetTransform, dict[str, Any]]:
     """Model (eval mode), its target transform and the checkpoint's metadata."""
     payload = read_model_checkpoint(path)
     model = ParAIsite(MEGNet(MEGNetConfig.from_dict(payload["megnet_config"])))

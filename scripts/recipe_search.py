@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from paraisite.checkpoint import load_ltc_model  # noqa: E402
+from paraisite.checkpoint import load_model_file  # noqa: E402
 from paraisite.data.datasets import LTCDataset, load_dataset  # noqa: E402
 from paraisite.evaluation.metrics import LOG_FLOOR, regression_metrics  # noqa: E402
 from paraisite.model import predict  # noqa: E402
@@ -100,7 +100,7 @@ def train_missing(root: Path, names: list[str]) -> None:
 
 def predict_parts(run: RunDir, data: LTCDataset, k: int, selection: str, parts: list[np.ndarray]) -> list[np.ndarray]:
     """The predictions (W/m/K) of split k's ``selection`` model on each of ``parts``, in one pass."""
-    model, transform, _ = load_ltc_model(run.checkpoint(k, selection))
+    model, transform, _ = load_model_file(run.checkpoint(k, selection))
     out = predict(model, [data.graphs[i] for i in np.concatenate(parts)], transform, torch.device("cpu")).numpy()
     return np.split(out, np.cumsum([len(p) for p in parts])[:-1])
 

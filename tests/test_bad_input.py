@@ -19,7 +19,7 @@ from megnet_pt.cache import CacheError, GraphCache, build_cache, main as cache_m
 from megnet_pt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from megnet_pt.predict import main as predict_main
 from megnet_pt.structures import find_structure_files, read_structure
-from paraisite.checkpoint import load_ltc_model, save_model
+from paraisite.checkpoint import load_model_file, save_model
 from paraisite.data.datasets import DatasetError, load_dataset
 from paraisite.model import ParAIsite
 from paraisite.transform import TargetTransform
@@ -76,7 +76,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_refused_or_harmless(workdir):
     refused = 0
     for path in flipped_copies(workdir / "final.pt", workdir, 60):
         try:
-            loaded, transform, _ = load_ltc_model(path)
+            loaded, transform, _ = load_model_file(path)
         except CheckpointError:
             refused += 1
             continue
@@ -89,7 +89,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_refused_or_harmless(workdir):
     payload["state_dict"]["head.0.weight"][0, 0] = 1e37
     torch.save(payload, workdir / "edited.pt")
     with pytest.raises(CheckpointError, match="edited.pt: its weights do not match the digest"):
-        load_ltc_model(workdir / "edited.pt")
+        load_model_file(workdir / "edited.pt")
 
 
 def test_a_damaged_converted_megnet_checkpoint_is_refused(workdir):

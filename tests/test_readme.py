@@ -125,10 +125,11 @@ def test_every_command_of_the_manuals_runs_as_written(fresh_copy):
         env["MP_API_ENDPOINT"] = url
         failures = [f for manual in MANUALS for f in run_all(manual, fresh_copy, env)]
     assert not failures, "\n\n".join(failures)
-    # the headline command trained 2 x 2 models and scan.py then used that run
+    # the headline command trained 2 x 2 models; scan.py screened the examples and MP with the shipped ensemble
     assert (fresh_copy / "runs" / "fe+af_togo15" / "summary.md").is_file()
     assert (fresh_copy / "runs" / "fe_aflow_agl" / "split2" / "final.pt").is_file()
     assert (fresh_copy / "mp_stable_ltc.csv").is_file()
+    assert "ltc_fe_togo15_log10_clip10 (9 models, final)" in (fresh_copy / "examples_ltc.summary.md").read_text()
 
 
 def test_commands_are_read_as_written():

@@ -18,7 +18,7 @@ from conftest import working_folder
 from megnet_pt.cache import GraphCache, build_cache
 from paraisite.screening import summary as scan_summary
 from paraisite.screening import scan as screening
-from paraisite.checkpoint import load_ltc_model, save_model
+from paraisite.checkpoint import load_model_file, save_model
 from paraisite.screening.ensemble import Ensemble, load_ensemble
 from paraisite.screening.fused import FusedEform
 from paraisite.model import ParAIsite
@@ -389,7 +389,7 @@ def test_a_prediction_at_or_below_zero_is_flagged_and_never_ranked(run_dir, cach
     log = np.log10(np.array([float(r["ltc_split1"]) for r in first if r["ltc_split1"]]) + 1)  # 0.5 z + 0.85
     run = workdir / "runs" / "collapsed"
     shutil.copytree(run_dir, run)
-    model, _, _ = load_ltc_model(run / "split1" / "best.pt")
+    model, _, _ = load_model_file(run / "split1" / "best.pt")
     for selection in ("best", "final"):
         save_model(model, TargetTransform(0.85 - float(np.median(log)), 0.5), run / "split1" / f"{selection}.pt",
                    init="rw", dataset="togo15", split=1, epoch=1, selection=selection)

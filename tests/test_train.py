@@ -17,7 +17,7 @@ from paraisite.training import rundir
 from paraisite.training import steps
 from paraisite.training import loop as training
 from paraisite.training.rundir import RunDir
-from paraisite.checkpoint import load_ltc_model, save_model
+from paraisite.checkpoint import load_model_file, save_model
 from paraisite.data.datasets import load_dataset
 from paraisite.model import ParAIsite
 from paraisite.data.splits import holdout_parts
@@ -94,7 +94,7 @@ def test_a_collapsed_model_is_named_in_the_warning_and_the_summary(workdir, tmp_
     assert "Collapsed" not in (run / "summary.md").read_text()
     rows = list(csv.DictReader(open(run / "results.csv")))
     assert all(0 <= float(r["share_nonpositive"]) <= 1 for r in rows)
-    model, transform, meta = load_ltc_model(run / "split2" / "final.pt")
+    model, transform, meta = load_model_file(run / "split2" / "final.pt")
     with torch.no_grad():
         model.head[-1].bias.fill_(-1e3)  # every output far below the scaler's range: 10^(...) - 1 = -1
     save_model(model, transform, run / "split2" / "final.pt", **{k: meta[k] for k in ("selection", "init", "dataset", "split", "epoch")})
@@ -150,7 +150,7 @@ def test_select_holdout_chooses_best_on_the_held_out_share_and_never_trains_on_i
         assert best["epoch"] == 1 + int(np.argmin(select))
         picks.append((int(np.argmin(select)), int(np.argmin(val))))
         fit, held, _ = holdout_parts([95], k, 0.2)
-        _, transform, _ = load_ltc_model(run / f"split{k}" / "best.pt")
+        _, transform, _ = load_model_file(run / f"split{k}" / "best.pt")
         assert transform.mean == pytest.approx(z[fit].mean(), abs=1e-6)  # fitted on what it trains on, not on `held`
     assert any(a != b for a, b in picks)  # the selection really differs from the paper's on these splits
     summary = (run / "summary.md").read_text()
@@ -288,7 +288,7 @@ def test_scaler_is_fitted_on_training_part_only(workdir):
     run = workdir / "runs" / "small"
     if not (run / "split1" / "final.pt").is_file():
         pytest.skip("needs test_small_run_writes_everything")
-    _, transform, _ = load_ltc_model(run / "split1" / "final.pt")
+    _, transform, _ = load_model_file(run / "split1" / "final.pt")
     z = np.log10(data.ltc.numpy().astype(np.float64) + 1)
     assert transform.mean == pytest.approx(z[train_idx].mean(), abs=1e-9)
     assert transform.std == pytest.approx(z[train_idx].std(), abs=1e-9)

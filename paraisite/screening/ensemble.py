@@ -1,4 +1,4 @@
-"""The nine ParAIsite models of a run as one module.
+"""The nine ParAIsite models of a run (or of the shipped ensemble in weights/) as one module.
 
 A run folder (``python train.py ...`` writes ``runs/<init>_<dataset>/``) holds
 one trained model per split, ``split<k>/best.pt`` (lowest validation loss) and
@@ -25,8 +25,9 @@ from torch_geometric.data import Batch, Data
 
 from megnet_pt.checkpoint import CheckpointError
 
-from ..checkpoint import load_ltc_model
+from ..checkpoint import load_model_file
 from .fused import FusedParAIsite
+from .shipped import MANIFEST, check_shipped, is_shipped
 from ..model import ParAIsite
 from ..training.provenance import check_file, run_record
 from ..training.rundir import RunDir
@@ -48,23 +49,39 @@ class RunInfo:
     dataset: str
     cutoff: float
     epochs: list[int]
+    shipped: bool = False  # the ensemble shipped in weights/, not a run folder
 
     def describe(self) -> str:
+        where = f"the shipped ensemble {self.run_dir} (its card: README.md there)" if self.shipped else self.run_dir
         return (f"{len(self.splits)} models ({self.init} trained on {self.dataset}, {self.selection}.pt of split(s) "
-                f"{','.join(map(str, self.splits))}) from {self.run_dir}")
+                f"{','.join(map(str, self.splits))}) from {where}")
 
 
-def load_ensemble(run_dir: str | Path, selection: str = "best", method: str = "fused") -> Ensemble:
+def load_ensemble(run_dir: str | Path, selection: str | None = None, method: str = "fused") -> Ensemble:
     """The models of every split of ``run_dir`` as one :class:`Ensemble` (in eval mode, on the CPU).
 
-    Each file must be the ``selection`` model of the split of its folder, and all of one run: the run its
-    ``config.json`` names, where it has a readable one (:mod:`paraisite.training.provenance`)."""
+    ``run_dir`` is a run folder (``selection`` default ``best``) or a shipped ensemble
+    (:mod:`paraisite.screening.shipped`, its own selection, every file's sha256 checked first). Each file must
+    be the ``selection`` model of the split of its folder, and all of one run: the run its ``config.json``
+    names, where it has a readable one (:mod:`paraisite.training.provenance`)."""
     run = RunDir(run_dir)
+    shipped = check_shipped(run_dir) if is_shipped(run_dir) else None
+    if shipped is not None:
+        if selection not in (None, shipped["selection"]):
+            raise CheckpointError(f"{run_dir}: a shipped ensemble of {shipped['selection']}.pt models only "
+                                  f"(no {selection}.pt); drop --selection")
+        selection = shipped["selection"]
+    selection = selection or "best"
     models, transforms, metas, splits = [], [], [], []
     checkpoints = run.finished_checkpoints(selection)
+    if shipped is not None:
+        unlisted = [str(p) for _, p in checkpoints if p.relative_to(run.path).as_posix() not in shipped["files"]]
+        if unlisted:
+            raise CheckpointError(f"{', '.join(unlisted)}: not in {run.path / MANIFEST}, so not of the shipped "
+                                  "ensemble; remove it")
     config = run.read_config()
     for k, path in checkpoints:
-        model, transform, meta = load_ltc_model(path)
+        model, transform, meta = load_model_file(path)
         if config is None and meta.get("run") is not None and metas and metas[0].get("run") is not None:
             config = metas[0]["run"]["settings"] | {"inputs": metas[0]["run"]["inputs"]}  # one run: split 1's
         check_file(meta, str(path), split=k, selection=selection,
@@ -82,7 +99,7 @@ def load_ensemble(run_dir: str | Path, selection: str = "best", method: str = "f
                     f"{first.get(key)!r} in split {splits[0]}"
                 )
     info = RunInfo(Path(run_dir), selection, splits, str(first.get("init")), str(first.get("dataset")),
-                   float(first["megnet_config"]["cutoff"]), [int(m.get("epoch", 0)) for m in metas])
+                   float(first["megnet_config"]["cutoff"]), [int(m.get("epoch", 0)) for m in metas], shipped is not None)
     return Ensemble(models, transforms, info, method=method)
 
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from megnet_pt import MEGNet
 from megnet_pt.checkpoint import CheckpointError, atomic_save, check_digest, load_plain, tensors_sha256
 
-from ..checkpoint import load_ltc_model, read_model_checkpoint, save_model
+from ..checkpoint import load_model_file, read_model_checkpoint, save_model
 from ..data.datasets import LTCDataset
 from ..model import ParAIsite, predict, published_megnet
 from ..evaluation.paper_scale import PaperScale
@@ -137,7 +137,7 @@ def initial_model(config: TrainConfig, k: int) -> ParAIsite:
     if config.init in ("fe+af", "rw+af"):
         aflow = RunDir(config.aflow_run)
         check_aflow_checkpoint(aflow, config.init, k, config.cutoff)
-        return load_ltc_model(aflow.checkpoint(k, "best"))[0]
+        return load_model_file(aflow.checkpoint(k, "best"))[0]
     raise ValueError(f"unknown init {config.init!r}: expected one of {', '.join(INITS)}")
 
 
@@ -343,7 +343,7 @@ def evaluate_split(
     """
     rows, preds = [], []
     for selection in ("best", "final"):
-        model, transform, meta = load_ltc_model(run.checkpoint(k, selection))
+        model, transform, meta = load_model_file(run.checkpoint(k, selection))
         check_file(meta, str(run.checkpoint(k, selection)), split=k, selection=selection, record=record)
         model.to(device)
         for name, data in datasets.items():
