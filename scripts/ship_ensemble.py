@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error("RUN, --commit, --trained-on and --minutes are needed (or --card-only)")
         config = RunDir(args.run).read_config() or {}
         write_shipped(args.run, out)
-        splits = sorted(int(f.split("/")[0][5:]) for f in check_shipped(out)["files"] if f.endswith(".pt"))
+        manifest = check_shipped(out)
+        splits = sorted(int(f.split("/")[0][5:]) for f in manifest["files"] if f.endswith(".pt"))
         commands = [f"{train_command(config)}   # writes runs/{Path(args.run).name}, in {args.minutes:.1f} min here",
                     f"python scripts/ship_ensemble.py runs/{Path(args.run).name} --commit {args.commit} "
                     f"--trained-on {shlex.quote(args.trained_on)} --minutes {args.minutes:g}"]

@@ -17,7 +17,8 @@ from megnet_pt.checkpoint import CheckpointError
 from paraisite import load_ltc_model
 from paraisite.evaluation.card import card_figures, render_card, unhealthy
 from paraisite.screening.ensemble import load_ensemble
-from paraisite.screening.shipped import MANIFEST, check_shipped, default_models, file_sha256, write_shipped
+from megnet_pt.download import sha256_file
+from paraisite.screening.shipped import MANIFEST, check_shipped, default_models, write_shipped
 
 SHIPPED = default_models()
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -51,7 +52,7 @@ def test_every_shipped_file_has_its_digest_and_the_ensemble_is_small(card):
     on_disk = {p.relative_to(SHIPPED).as_posix() for p in SHIPPED.rglob("*") if p.is_file()}
     assert on_disk == set(manifest["files"]) | {MANIFEST, "card.json", "README.md"}
     for name, digest in manifest["files"].items():
-        assert file_sha256(SHIPPED / name) == digest
+        assert sha256_file(SHIPPED / name) == digest
     assert sum((SHIPPED / n).stat().st_size for n in on_disk) < 20e6
     assert len([n for n in manifest["files"] if n.endswith(".pt")]) == 9
 

@@ -16,7 +16,6 @@ it loads a run folder.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from megnet_pt.checkpoint import CheckpointError
+from megnet_pt.download import sha256_file
 
 from ..training.rundir import RunDir
 
@@ -43,14 +43,6 @@ def is_shipped(folder: str | Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_shipped(folder: str | Path) -> dict[str, Any]:
     """The manifest of the shipped ensemble in ``folder``, once every file it lists has the sha256 it lists."""
     folder = Path(folder)
@@ -68,7 +60,7 @@ def check_shipped(folder: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: lists {name!r}, outside its folder")
         if not member.is_file():
             raise CheckpointError(f"{member}: missing from the shipped ensemble; take it again from the repository")
-        if file_sha256(member) != expected:
+        if sha256_file(member) != expected:
             raise CheckpointError(f"{member}: sha256 differs from the one {MANIFEST} lists: the file was changed "
                                   "or damaged; take it again from the repository (git checkout -- weights/)")
     models = sorted(n for n in manifest["files"] if n.endswith(".pt"))
@@ -87,14 +79,14 @@ def write_shipped(run_dir: str | Path, out: str | Path, selection: str = "final"
         raise CheckpointError(f"{run.path}: no config.json; a shipped ensemble carries the config of its run")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp).mkdir(parents=True)
+    tmp.mkdir(parents=True)
     files = {"config.json": run.config_path}
     files |= {f"split{k}/{selection}.pt": path for k, path in checkpoints}
     for name, source in files.items():
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, tmp / name)
     manifest = {"format": FORMAT, "version": VERSION, "name": out.name, "selection": selection,
-                "files": {name: file_sha256(tmp / name) for name in files}}
+                "files": {name: sha256_file(tmp / name) for name in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out)
     return manifest
