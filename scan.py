@@ -41,6 +41,7 @@ from paraisite.training.rundir import SELECTIONS
 from paraisite.screening.files import ScanError, hold_output, record_run
 from paraisite.screening.summary import summarize, write_summary
 from paraisite.screening.scan import ScanSettings, run_scan, training_domain
+from paraisite.screening.intervals import load_calibration
 
 DEFAULT_MODELS = default_models()
 
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
             "pymatgen JSON or extended XYZ files, which are first cached (--cache, default ./data/<name>_cutoff4.h5).\n\n"
             "output (--out): CSV, one row per input structure (in input order; those that could not be converted last):\n"
             "  id, formula, ltc_split<k> (W/m/K, one per model), ltc_mean, ltc_std (sample std), ltc_std_over_mean,\n"
-            "  ltc_max, ltc_max_x_std_over_mean, n_sites, volume (Å^3), density (g/cm^3), atomic_density (atoms/Å^3),\n"
+            "  ltc_max, ltc_max_x_std_over_mean, [ltc_lo, ltc_hi: the --interval, domain: distance to the training\n"
+            "  structures, ~1 inside them; with a calibrated ensemble such as the shipped one], n_sites, volume (Å^3), density (g/cm^3), atomic_density (atoms/Å^3),\n"
             "  n_elements, [eform_ev_per_atom], input_<field> (each field the cache carries, e.g. the Materials Project's\n"
             "  band_gap, is_stable as 1/0), warning (no neighbour within the cutoff; element or size outside the\n"
             "  training data; 'error: ...' when there is no prediction, e.g. a structure that could not be read).\n"
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--correlations", action="store_true",
                    help="Pearson r and p-value between the mean (and variance) of the predictions and the descriptors, "
                    "and every numeric field of the inputs (input_<field>: as the paper's Tables 1-4 on Materials Project fields)")
+    p.add_argument("--interval", type=float, default=None, metavar="LEVEL",
+                   help="level of ltc_lo..ltc_hi, e.g. 0.8 (default: the calibration's, 0.9); needs models with "
+                        "intervals.json (scripts/calibrate_intervals.py)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="structures per batch (default: 32 on a CPU, 256 on a GPU; results do not depend on it)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
@@ -133,8 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads:
                 torch.set_num_threads(args.threads)
             batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
+            if args.interval is not None and not 0 < args.interval < 1:
+                raise ValueError(f"--interval must be between 0 and 1, e.g. 0.9 (got {args.interval:g})")
             ensemble = load_ensemble(args.models, args.selection, method=args.method)
             info = ensemble.info
+            calibration = load_calibration(args.models)
+            if args.interval is not None and calibration is None:
+                raise ValueError(f"--interval: {args.models} has no intervals.json; make one with "
+                                 f"python scripts/calibrate_intervals.py {args.models}")
             eform = None
             if args.with_eform:
                 # Rank 0 first: a first use converts the published weights into ./weights, once.
@@ -161,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
             start = time.perf_counter()
             started_utc = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-            settings = ScanSettings(batch_size, device, eform, domain, rank, world, not args.no_progress, sync)
+            settings = ScanSettings(batch_size, device, eform, domain, calibration, args.interval, rank, world,
+                                    not args.no_progress, sync)
             with hold_output(out) if rank == 0 else contextlib.nullcontext():
                 report = run_scan(cache, ensemble, out, settings)
     except (CheckpointError, CacheError, ScanError, ValueError, RuntimeError, FileNotFoundError) as exc:
@@ -185,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                             "seconds": f"{seconds:.2f}", "structures_per_s": f"{done / seconds:.1f}" if seconds > 0 else "",
                             "already_done": report.skipped})
     notes = [info.describe(), f"cache {cache.path} (cutoff {cache.cutoff:g} Å)", domain_note]
+    if calibration is not None:
+        notes.append(f"ltc_lo..ltc_hi: {calibration.describe(args.interval)}")
     notes += [f"run of {r['started_utc']}: {r['structures']} structures in {float(r['seconds']):.1f} s by rank 0 of "
               f"{r['processes']} on {r['device']}, {r['structures_per_s']} structures/s per process; "
               f"{r['already_done']} already done" for r in runs]

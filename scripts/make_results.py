@@ -1,7 +1,7 @@
 """Build docs/results.md from finished run folders (and copy the CSVs it is built from).
 
     python scripts/make_results.py [--runs docs/results runs] [--out docs/results.md] [--scan scan/aflow_ltc.csv]
-                                   [--intro intro.md] [--outro outro.md]
+                                   [--intro intro.md] [--outro outro.md] [--intervals intervals.md]
 
 Reads the run folders in each ``--runs`` folder: ``<init>_<dataset>/`` as
 train.py writes it (results.csv, config.json, split*/curve.csv), or its copy
@@ -308,6 +308,8 @@ def main() -> None:
     parser.add_argument("--recipes", default=None, help="the table scripts/recipe_search.py wrote (CSV), included with "
                         "the markdown file --recipes-intro before it")
     parser.add_argument("--recipes-intro", default=None)
+    parser.add_argument("--intervals", default=None, help="the figures scripts/calibrate_intervals.py --report wrote "
+                        "(Markdown), included as a section")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -356,6 +358,10 @@ def main() -> None:
         lines += recipe_section(Path(args.recipes), Path(args.recipes_intro) if args.recipes_intro else None)
     if args.scan:
         lines += scan_section(Path(args.scan), data_dir / "scan")
+    if args.intervals:
+        text = Path(args.intervals).read_text().rstrip().split("\n")
+        lines += ["#" + line if line.startswith("# ") else line for line in text if not line.startswith("<!--")]
+        lines += ["", f"(From [{Path(args.intervals).name}](results/{Path(args.intervals).name}).)", ""]
     if args.outro:
         lines += [Path(args.outro).read_text().rstrip(), ""]
     out.write_text("\n".join(lines) + "\n")

@@ -41,4 +41,5 @@ python scan.py "${PARAISITE_HOME:-$HOME/.cache/paraisite}/data/aflow_agl" --mode
 # splits trained here, in runs/, are merged with them split by split (runs/ winning).
 python scripts/make_results.py --runs docs/results runs --scan "scan/aflow_ltc$AF.csv" \
     --intro docs/results/intro.md --outro docs/results/outro.md \
-    --recipes docs/results/recipe_search.csv --recipes-intro docs/results/recipes.md
+    --recipes docs/results/recipe_search.csv --recipes-intro docs/results/recipes.md \
+    --intervals docs/results/intervals.md

@@ -123,6 +123,10 @@ def test_one_structure_from_python_is_what_scan_py_writes(tmp_path):
     for formula, member in zip(got.formulas, got.members):
         written = [float(rows[formula][f"ltc_split{k}"]) for k in got.splits]
         assert np.allclose(written, member, rtol=1e-5), formula
+    for formula, lo, hi, domain in zip(got.formulas, got.lo, got.hi, got.domain):
+        row = rows[formula]
+        assert np.allclose([float(row["ltc_lo"]), float(row["ltc_hi"]), float(row["domain"])], [lo, hi, domain],
+                           rtol=1e-5), formula
     assert "ltc_fe_togo15_log10_clip10 (9 models, final)" in (tmp_path / "examples_ltc.summary.md").read_text()
 
 

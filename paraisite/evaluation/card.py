@@ -20,6 +20,7 @@ from torch_geometric.data import Batch
 
 from ..data.datasets import dataset_folder, load_dataset
 from ..screening.ensemble import Ensemble, load_ensemble
+from ..screening.intervals import DomainEmbedding, coverage_figures, load_calibration
 from .metrics import regression_metrics
 
 METRICS = {"mape": "MAPE", "sre": "SRE", "log10_mae": "MAE of log10", "spearman": "Spearman"}
@@ -73,6 +74,11 @@ def card_figures(folder: str | Path, unseen: tuple[str, ...] = ("miyazaki21",)) 
     figures: dict[str, Any] = {"dataset": info.dataset, "n_structures": len(data), "init": info.init, "selection": info.selection,
                                "epochs": info.epochs, "validation": {"splits": splits, "mean_std": _mean_std(splits)},
                                "unseen": {}, "domain": training_domain(info.dataset)}
+    calibration = load_calibration(folder)
+    if calibration is not None:
+        embed = DomainEmbedding.published()
+        figures["intervals"] = {"description": calibration.describe(), "threshold": calibration.threshold,
+                                "nested": calibration.coverage, "n_held_out": calibration.n_held_out}
     for name in unseen:
         other = load_dataset(name, cutoff=info.cutoff, progress=False)
         p, t = predict_all(ensemble, other.graphs), other.ltc.double().numpy()
@@ -80,6 +86,16 @@ def card_figures(folder: str | Path, unseen: tuple[str, ...] = ("miyazaki21",)) 
         figures["unseen"][name] = {"n": len(other), "members_mean_std": _mean_std(members),
                                    "ensemble_mean": _metrics(t, p.mean(axis=1)),
                                    "min_prediction": float(p.min())}
+        if calibration is not None:
+            domain = np.concatenate([calibration.domain.score(embed(Batch.from_data_list(other.graphs[i:i + 64])))
+                                     for i in range(0, len(other), 64)])
+            flagged = domain > calibration.threshold
+            figures["unseen"][name]["intervals"] = {
+                f"{level:g}": coverage_figures(t, *calibration.interval(p, domain, level), level)
+                | {f"constant_{k}": v for k, v in
+                   coverage_figures(t, *calibration.interval(p, domain, level, constant=True), level).items()}
+                for level in (0.8, 0.9)}
+            figures["unseen"][name]["flagged"] = float(flagged.mean())
     return figures
 
 
@@ -190,6 +206,29 @@ def render_card(card: dict[str, Any]) -> str:
         f"No model is collapsed: every prediction above 0 W/m/K, Spearman above {HEALTHY_SPEARMAN} on every split.",
         "" if not unhealthy(fig) else f"**Not so**: {'; '.join(unhealthy(fig))}.",
     ]
+    if "intervals" in fig:
+        iv = fig["intervals"]
+        lines += [
+            "## Intervals and the domain score",
+            "",
+            "`scan.py` and `load_ltc_model().predict` also give `ltc_lo`..`ltc_hi` (`lo`, `hi`), an interval at 90 %",
+            "(`--interval 0.8`, `predict(..., level=0.8)`), and `domain`, the distance of the structure's MEGNet",
+            "readout to the nearest training structure (about 1 inside the training set). Calibrated by",
+            f"`scripts/calibrate_intervals.py` on {iv['n_held_out']} held-out predictions of nested cross-validation",
+            f"(`intervals.json`): {iv['description']}.",
+            "",
+            "| set | level | coverage | median width (hi/lo) | interval score | constant width: coverage | width | score |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        rows = [("nested folds", iv["nested"])] + [(o, u["intervals"]) for o, u in fig["unseen"].items() if "intervals" in u]
+        for where, by_level in rows:
+            for level, c in by_level.items():
+                lines.append(f"| {where} | {float(level):.0%} | {c['coverage']:.0%} | x{c['median_width']:.2f} | "
+                             f"{c['interval_score']:.3f} | {c['constant_coverage']:.0%} | "
+                             f"x{c['constant_median_width']:.2f} | {c['constant_interval_score']:.3f} |")
+        lines += [""] + [f"On {o}, {u['flagged']:.0%} of the structures have a domain score above {iv['threshold']:.2f} "
+                         "and are flagged in the `warning` column." for o, u in fig["unseen"].items() if "flagged" in u]
+        lines += ["", "docs/results.md (\"Intervals\") has the figures in full, AFLOW AGL among them.", ""]
     for other, u in fig["unseen"].items():
         lines += [
             f"## On {other}, which no model saw ({u['n']} structures, W/m/K)",
@@ -221,8 +260,8 @@ def render_card(card: dict[str, Any]) -> str:
         "- Structures far from rocksalt, zinc-blende and wurtzite binaries, or with elements outside the list above:",
         "  `scan.py` flags other elements and cells much larger than the training set's in its `warning` column.",
         "- Disordered or partially occupied structures, molecules, surfaces: refused (a periodic, ordered crystal is needed).",
-        "- The ensemble's spread is not a calibrated interval; it orders errors on structures like the training set's",
-        "  and says little outside it (docs/results.md).",
+        "- The ensemble's spread alone is not a calibrated interval: use `ltc_lo`..`ltc_hi` where the card has them,",
+        "  and distrust them where `domain` is flagged.",
         "",
         "## Files",
         "",

@@ -10,9 +10,14 @@ As in the paper's screening of the ~34k stable Materials Project materials
     ltc_max                   max_k y_k
     ltc_max_x_std_over_mean   max_k y_k * s / m
 
+and, where the models carry a calibration (``intervals.json``: :mod:`paraisite.screening.intervals`),
+``ltc_lo`` and ``ltc_hi``, the interval at the stated level (default 90 %), and ``domain``, how far
+the structure is from the training structures (about 1 inside them; flagged above the calibration's
+threshold).
+
 Output CSV columns, one row per input structure:
 
-    id, formula, ltc_split<k> (one per model), the five statistics above,
+    id, formula, ltc_split<k> (one per model), the five statistics above, [ltc_lo, ltc_hi, domain],
     n_sites, volume (Å^3), density (g/cm^3), atomic_density (atoms/Å^3), n_elements,
     [eform_ev_per_atom: the published MEGNet formation energy, with --with-eform],
     input_<field> for every per-structure field of the cache (its labels: e.g. the
@@ -22,7 +27,7 @@ Output CSV columns, one row per input structure:
 ``warning`` is empty, or lists (separated by "; "): atoms without a neighbour
 within the cutoff (``megnet_pt.predict.isolated_warning``), elements absent from
 the training structures, more than ``SIZE_FACTOR`` times as many atoms as the
-largest training cell, predictions at or below 0 W/m/K (which no material has: a
+largest training cell, a domain score above the calibration's threshold, predictions at or below 0 W/m/K (which no material has: a
 collapsed model; such rows are left out of the summary's rankings), and, starting
 with ``error:``, why a structure has no prediction (it could not be turned into a
 graph, or the models failed on it).
@@ -55,10 +60,12 @@ from megnet_pt.predict import isolated_warning
 
 from .ensemble import Ensemble
 from .fused import FusedEform
+from .intervals import Calibration, DomainEmbedding
 from ..training.rundir import RunDir
 from .files import ScanPaths, append_rows, merge_parts, prepare_parts
 
 STAT_COLUMNS = ["ltc_mean", "ltc_std", "ltc_std_over_mean", "ltc_max", "ltc_max_x_std_over_mean"]
+INTERVAL_COLUMNS = ["ltc_lo", "ltc_hi", "domain"]  # with a calibration (paraisite.screening.intervals)
 DESCRIPTOR_COLUMNS = ["n_sites", "volume", "density", "atomic_density", "n_elements"]
 EFORM_COLUMN = "eform_ev_per_atom"
 INPUT_PREFIX = "input_"  # the cache's own per-structure fields, as given
@@ -68,8 +75,9 @@ AMU_PER_A3_TO_G_PER_CM3 = 1.66053906660
 
 # --- columns and per-structure quantities ---------------------------------------------------------
 
-def columns(splits: Sequence[int], with_eform: bool, fields: Sequence[str] = ()) -> list[str]:
-    return (["id", "formula"] + [f"ltc_split{k}" for k in splits] + STAT_COLUMNS + DESCRIPTOR_COLUMNS
+def columns(splits: Sequence[int], with_eform: bool, fields: Sequence[str] = (), with_intervals: bool = False) -> list[str]:
+    return (["id", "formula"] + [f"ltc_split{k}" for k in splits] + STAT_COLUMNS
+            + (INTERVAL_COLUMNS if with_intervals else []) + DESCRIPTOR_COLUMNS
             + ([EFORM_COLUMN] if with_eform else []) + [INPUT_PREFIX + f for f in fields] + ["warning"])
 
 
@@ -194,17 +202,22 @@ def _field(value: float) -> str:
 def format_rows(
     ids: Sequence[str], formulas: Sequence[str], pred: np.ndarray | None, desc: dict[str, np.ndarray] | None,
     eform: np.ndarray | None, warnings: Sequence[str], with_eform: bool, n_models: int,
-    fields: np.ndarray | None = None,
+    fields: np.ndarray | None = None, bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    with_intervals: bool = False,
 ) -> list[list[str]]:
-    """CSV rows; ``pred`` None (or a NaN row) leaves the prediction columns empty, a NaN field its cell."""
+    """CSV rows; ``pred`` None (or a NaN row) leaves the prediction columns empty, a NaN field its cell.
+
+    ``bounds``: (ltc_lo, ltc_hi, domain) of each row, with ``with_intervals``."""
     stats = ensemble_statistics(pred) if pred is not None else None
     rows = []
     for i, (sid, formula) in enumerate(zip(ids, formulas)):
         row = [sid, formula]
         if pred is not None and np.isfinite(pred[i]).all():
             row += [_number(v) for v in pred[i]] + [_number(float(stats[c][i])) for c in STAT_COLUMNS]
+            if with_intervals:
+                row += [_number(float(b[i])) for b in bounds]
         else:
-            row += [""] * (n_models + len(STAT_COLUMNS))
+            row += [""] * (n_models + len(STAT_COLUMNS) + (len(INTERVAL_COLUMNS) if with_intervals else 0))
         if desc is not None:
             row += [str(int(desc["n_sites"][i])), _number(float(desc["volume"][i])), _number(float(desc["density"][i])),
                     _number(float(desc["atomic_density"][i])), str(int(desc["n_elements"][i]))]
@@ -279,6 +292,8 @@ class ScanSettings:
     device: torch.device | str = "cpu"
     eform_model: FusedEform | None = None  # adds the formation-energy column
     domain: TrainingDomain | None = None  # adds the outside-the-training-data warnings
+    intervals: Calibration | None = None  # adds ltc_lo, ltc_hi and domain
+    level: float | None = None  # of the intervals (None: the calibration's own)
     rank: int = 0
     world: int = 1
     progress: bool = True
@@ -299,7 +314,10 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
     paths = ScanPaths(Path(out))
     with_eform = eform_model is not None
     field_names = cache.label_names if cache.labels is not None else []
-    header = columns(ensemble.info.splits if ensemble.info else range(1, len(ensemble) + 1), with_eform, field_names)
+    calibration = settings.intervals
+    with_intervals = calibration is not None
+    header = columns(ensemble.info.splits if ensemble.info else range(1, len(ensemble) + 1), with_eform, field_names,
+                     with_intervals)
     failures = cache.failures
     order = {sid: k for k, sid in enumerate(cache.ids)}
     order.update({sid: len(cache) + k for k, (sid, _) in enumerate(failures)})
@@ -320,7 +338,8 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
     if rank == 0 and failed_todo:
         rows = format_rows([failures[k][0] for k in failed_todo], ["" for _ in failed_todo], None, None, None,
                            [f"error: could not be turned into a graph: {failures[k][1]}" for k in failed_todo],
-                           with_eform, len(ensemble), np.full((len(failed_todo), len(field_names)), math.nan))
+                           with_eform, len(ensemble), np.full((len(failed_todo), len(field_names)), math.nan),
+                           with_intervals=with_intervals)
         append_rows(paths.part(0), rows, header)
         report.failed += len(rows)
 
@@ -329,6 +348,7 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
         eform_model.to(device).eval()
     from tqdm import tqdm
 
+    embed = DomainEmbedding.published().to(device) if with_intervals else None
     bar = tqdm(total=len(todo), unit="structure", desc="LTC", disable=not progress or rank != 0 or len(todo) == 0,
                smoothing=0.05)
     if len(mine):
@@ -336,10 +356,15 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
             pred, eform, errors = predict_batch(batch, ensemble, device, eform_model)
             warnings = ["; ".join(w for w in pair if w) for pair in
                         zip(batch_warnings(batch, cache.cutoff, domain), impossible_warnings(pred))]
+            bounds = None
+            if with_intervals:
+                domain_score = calibration.domain.score(embed(copy.copy(batch)))
+                bounds = (*calibration.interval(pred, domain_score, settings.level), domain_score)
+                warnings = ["; ".join(w for w in pair if w) for pair in zip(warnings, calibration.warnings(domain_score))]
             notes = [e + ("; " + w if w else "") if e else w for e, w in zip(errors, warnings)]
             fields = cache.labels[[order[sid] for sid in batch.id]] if field_names else None
             rows = format_rows(batch.id, batch.formula, pred, descriptors(batch), eform, notes, with_eform, len(ensemble),
-                               fields)
+                               fields, bounds, with_intervals)
             append_rows(paths.part(rank), rows, header)
             n_bad = sum(1 for e in errors if e)
             report.failed += n_bad

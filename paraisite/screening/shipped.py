@@ -7,6 +7,7 @@ A shipped ensemble is a run folder cut down to what screening needs, plus the di
                               "files": {relative path: sha256}}
         config.json          the run's config.json, as train.py wrote it
         split<k>/final.pt    the split-k model of that run, byte for byte (paraisite.checkpoint format)
+        intervals.json       its interval calibration (scripts/calibrate_intervals.py), once made
         README.md            its model card (scripts/model_card.py), not a digested input
 
 :func:`write_shipped` copies a finished run into that form (``scripts/ship_ensemble.py``);
@@ -90,3 +91,13 @@ def write_shipped(run_dir: str | Path, out: str | Path, selection: str = "final"
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out)
     return manifest
+
+
+def list_file(folder: str | Path, name: str) -> None:
+    """Add ``folder/name`` (made after the ensemble was shipped, e.g. intervals.json) to the manifest, digested."""
+    folder = Path(folder)
+    manifest = check_shipped(folder)
+    manifest["files"][name] = sha256_file(folder / name)
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, folder / MANIFEST)
