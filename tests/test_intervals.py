@@ -150,3 +150,50 @@ def test_a_scan_of_miyazaki21_gives_intervals_whose_coverage_is_the_documented_o
     assert all("domain score" in r["warning"] for r in flagged)
     report = (ROOT / "docs" / "results" / "intervals.md").read_text()
     assert f"| miyazaki21 | {len(rows)} | 90% | {coverage:.0%} |" in report
+
+
+def _shipped_copy(tmp_path, keep_intervals: bool, list_intervals: bool) -> Path:
+    import json
+    import shutil
+
+    from paraisite.screening.shipped import MANIFEST, default_models
+
+    folder = tmp_path / "shipped"
+    shutil.copytree(default_models(), folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if not list_intervals:
+        manifest["files"].pop("intervals.json")
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    if not keep_intervals:
+        (folder / "intervals.json").unlink()
+    return folder
+
+
+def test_an_unlisted_calibration_is_refused_and_interval_needs_one(tmp_path, capsys):
+    import scan as scan_py
+    from conftest import working_folder
+    from megnet_pt.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="intervals.json: not listed in the shipped ensemble's manifest"):
+        load_calibration(_shipped_copy(tmp_path / "a", keep_intervals=True, list_intervals=False))
+    bare = _shipped_copy(tmp_path / "b", keep_intervals=False, list_intervals=False)
+    assert load_calibration(bare) is None
+    with working_folder(tmp_path):
+        code = scan_py.main([str(ROOT / "examples"), "--models", str(bare), "--interval", "0.8", "--no-progress"])
+        assert code == 2 and "has no intervals.json" in capsys.readouterr().err
+        assert scan_py.main([str(ROOT / "examples"), "--interval", "1.2", "--no-progress"]) == 2
+        assert "--interval must be between 0 and 1" in capsys.readouterr().err
+        assert scan_py.main([str(ROOT / "examples"), "--models", str(bare), "--out", "bare.csv", "--no-progress"]) == 0
+    header = (tmp_path / "bare.csv").read_text().split("\n")[0].split(",")
+    assert "ltc_lo" not in header and "ltc_mean" in header
+
+
+def test_a_scan_resumed_at_another_interval_level_is_refused(tmp_path, capsys):
+    import scan as scan_py
+    from conftest import working_folder
+
+    with working_folder(tmp_path):
+        assert scan_py.main([str(ROOT / "examples"), "--out", "x.csv", "--no-progress"]) == 0
+        assert scan_py.main([str(ROOT / "examples"), "--out", "x.csv", "--no-progress", "--interval", "0.9"]) == 0
+        assert scan_py.main([str(ROOT / "examples"), "--out", "x.csv", "--no-progress", "--interval", "0.8"]) == 2
+        assert "other intervals (--interval" in capsys.readouterr().err

@@ -103,7 +103,7 @@ def hold_output(out: str | Path) -> Iterator[None]:
             path.unlink(missing_ok=True)
 
 
-def scan_meta(ensemble: "Ensemble", cache: GraphCache, header: list[str]) -> dict[str, Any]:
+def scan_meta(ensemble: "Ensemble", cache: GraphCache, header: list[str], intervals: str | None = None) -> dict[str, Any]:
     """What must agree between a scan and the one that resumes it."""
     info = ensemble.info
     return {
@@ -117,6 +117,7 @@ def scan_meta(ensemble: "Ensemble", cache: GraphCache, header: list[str]) -> dic
         "cache_sources_sha256": cache.attrs.get("sources_sha256"),
         "cutoff": cache.cutoff,
         "columns": header,
+        "intervals": intervals,  # the calibration and level of ltc_lo..ltc_hi, in words
     }
 
 
@@ -125,11 +126,12 @@ class ScanError(ValueError):
 
 
 def _check_meta(stored: dict[str, Any], current: dict[str, Any], where: Path, out: Path) -> None:
-    differ = [k for k in ("format", "version", "checkpoints", "cache_ids_sha256", "cutoff", "columns")
+    differ = [k for k in ("format", "version", "checkpoints", "cache_ids_sha256", "cutoff", "columns", "intervals")
               if stored.get(k) != current.get(k)]
     if differ:
         what = {"checkpoints": "other models (--models/--selection, or retrained)", "cache_ids_sha256": "another input",
-                "columns": "other columns (--with-eform?)", "cutoff": "another cutoff"}
+                "columns": "other columns (--with-eform?)", "cutoff": "another cutoff",
+                "intervals": "other intervals (--interval, or another intervals.json)"}
         reasons = ", ".join(what.get(k, k) for k in differ)
         raise ScanError(f"{out}: a scan with {reasons} is recorded in {where}; use another --out, or delete "
                         f"{out} and its .parts/.scan.json to start over")
@@ -247,10 +249,10 @@ def append_rows(path: Path, rows: list[list[str]], header: list[str]) -> None:
 
 
 def prepare_parts(paths: ScanPaths, header: list[str], order: dict[str, int], ensemble: "Ensemble",
-             cache: GraphCache) -> tuple[list[int], list[int]] | Exception:
+             cache: GraphCache, intervals: str | None = None) -> tuple[list[int], list[int]] | Exception:
     """Rank 0: check or create the parts; returns (cache positions to predict, failure rows to write)."""
     try:
-        meta = scan_meta(ensemble, cache, header)
+        meta = scan_meta(ensemble, cache, header, intervals)
         if paths.out.exists() and not paths.parts.exists():
             if not paths.meta.is_file():
                 raise ScanError(f"{paths.out} exists and was not written by this scan (no {paths.meta.name}); "

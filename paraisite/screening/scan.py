@@ -326,7 +326,8 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
     # Rank 0 checks what is there and decides who does what; the others wait for the plan.
     plan: list[Any] = [None]
     if rank == 0:
-        plan[0] = prepare_parts(paths, header, order, ensemble, cache)
+        plan[0] = prepare_parts(paths, header, order, ensemble, cache,
+                                calibration.describe(settings.level) if with_intervals else None)
     if sync is not None:
         sync.broadcast_object_list(plan, src=0)
     if isinstance(plan[0], Exception):
