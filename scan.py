@@ -1,7 +1,7 @@
 """Screen crystal structures for lattice thermal conductivity with the nine models of a ParAIsite run.
 
     python scan.py mp_stable.h5 [--models weights/ltc_fe_togo15_log10_clip10 | runs/<run>] [--out mp_stable_ltc.csv]
-                   [--top 30] [--with-eform] [--correlations] [--batch-size N] [--device auto|cpu|cuda]
+                   [--top 30] [--with-eform] [--with-bandgap] [--correlations] [--batch-size N] [--device auto|cpu|cuda]
 
 The default models are the ensemble shipped in weights/ (its model card: weights/<name>/README.md); a run of
 your own (python train.py ... writes runs/<init>_<dataset>) is used with --models.
@@ -32,8 +32,7 @@ from megnet_pt.elements import ELEMENTS
 from megnet_pt.interrupt import Interrupted, os_error, stop_on_signals
 from paraisite.screening.ensemble import load_ensemble
 from paraisite.screening.shipped import default_models
-from paraisite.screening.fused import FusedEform
-from paraisite.model import published_megnet
+from paraisite.screening.properties import property_models
 from paraisite.data.paths import use_base_url
 from paraisite.training.processes import distributed, process_device
 from paraisite.evaluation.report import paper_name
@@ -57,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  id, formula, ltc_split<k> (W/m/K, one per model), ltc_mean, ltc_std (sample std), ltc_std_over_mean,\n"
             "  ltc_max, ltc_max_x_std_over_mean, [ltc_lo, ltc_hi: the --interval, domain: distance to the training\n"
             "  structures, ~1 inside them; with a calibrated ensemble such as the shipped one], n_sites, volume (Å^3), density (g/cm^3), atomic_density (atoms/Å^3),\n"
-            "  n_elements, [eform_ev_per_atom], input_<field> (each field the cache carries, e.g. the Materials Project's\n"
+            "  n_elements, [eform_ev_per_atom], [band_gap_pbe_ev], input_<field> (each field the cache carries, e.g. the Materials Project's\n"
             "  band_gap, is_stable as 1/0), warning (no neighbour within the cutoff; element or size outside the\n"
             "  training data; 'error: ...' when there is no prediction, e.g. a structure that could not be read).\n"
             "beside it: <base>.summary.md (top table, correlations), <base>.ltc.png, <base>.spread.png, <base>.scan.json.\n"
@@ -66,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  python scan.py a.cif b.cif                              # the shipped ensemble (weights/)\n"
             "  python scan.py a.cif --models runs/fe+af_togo15          # the models of a run of your own\n"
             "  python -m megnet_pt.cache build --from-mp is_stable=true -o mp_stable.h5 --workers 8   # needs MP_API_KEY\n"
-            "  python scan.py mp_stable.h5 --with-eform --correlations\n"
+            "  python scan.py mp_stable.h5 --with-eform --with-bandgap --correlations\n"
             "  torchrun --nproc-per-node 4 scan.py mp_stable.h5     # 4 processes (GPUs if present), one output"
         ),
     )
@@ -80,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=30, help="materials with the lowest max prediction in the summary (default: %(default)s)")
     p.add_argument("--with-eform", action="store_true",
                    help="add the formation energy predicted by the published MEGNet (eV/atom)")
+    p.add_argument("--with-bandgap", action="store_true",
+                   help="add the PBE band gap predicted by the published multi-fidelity MEGNet (eV; "
+                        "MEGNet-MP-2019.4.1-BandGap-mfi, fetched on first use); --correlations uses it where the "
+                        "input has no band gap")
     p.add_argument("--correlations", action="store_true",
                    help="Pearson r and p-value between the mean (and variance) of the predictions and the descriptors, "
                    "and every numeric field of the inputs (input_<field>: as the paper's Tables 1-4 on Materials Project fields)")
@@ -97,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="fused", choices=("fused", "reference"),
                    help="fused: the models stacked into one pass (fast); reference: each model's own forward (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--base-url", default=None, metavar="URL", help="download the published weights (--with-eform) and the training data (warnings) from this mirror "
+    p.add_argument("--base-url", default=None, metavar="URL", help="download the published weights (--with-eform, --with-bandgap) and the training data (warnings) from this mirror "
                    "(a URL or folder laid out as <base>/<ParAIsite|CrabNet|matgl>/<path>; default: $PARAISITE_BASE_URL, "
                    "else GitHub)")
     return p
@@ -146,17 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.interval is not None and calibration is None:
                 raise ValueError(f"--interval: {args.models} has no intervals.json; make one with "
                                  f"python scripts/calibrate_intervals.py {args.models}")
-            eform = None
-            if args.with_eform:
-                # Rank 0 first: a first use converts the published weights into ./weights, once.
-                if rank == 0:
-                    eform = FusedEform(published_megnet())
-                if world > 1:
-                    torch.distributed.barrier()
-                if rank != 0:
-                    eform = FusedEform(published_megnet())
-                if eform.cutoff != ensemble.cutoff:
-                    raise CheckpointError(f"the formation-energy model uses cutoff {eform.cutoff:g} Å, the run {ensemble.cutoff:g} Å")
+            # Rank 0 first: a first use fetches and converts the published weights into ./weights, once.
+            properties = {}
+            if rank == 0:
+                properties = property_models(args.with_eform, args.with_bandgap, ensemble.cutoff)
+            if world > 1:
+                torch.distributed.barrier()
+            if rank != 0:
+                properties = property_models(args.with_eform, args.with_bandgap, ensemble.cutoff)
             cache = open_cache(args, given_cache, ensemble.cutoff, rank, world)
             out = Path(args.out) if args.out else Path(f"{Path(args.inputs[0]).name.split('.')[0]}_ltc.csv")
             domain, domain_note = (None, "")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
             start = time.perf_counter()
             started_utc = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-            settings = ScanSettings(batch_size, device, eform, domain, calibration, args.interval, rank, world,
+            settings = ScanSettings(batch_size, device, properties, domain, calibration, args.interval, rank, world,
                                     not args.no_progress, sync)
             with hold_output(out) if rank == 0 else contextlib.nullcontext():
                 report = run_scan(cache, ensemble, out, settings)
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(out, top=args.top, correlations=args.correlations)
     if args.correlations and not args.with_eform:
         notes.append("formation energy not correlated: add --with-eform")
+    if args.correlations and not args.with_bandgap:
+        notes.append("band gap correlated only where the input gives one: add --with-bandgap for the others")
     md = write_summary(out, summary, args.top, [n for n in notes if n], title)
     print(f"wrote {out} ({summary.rows} rows: {summary.predicted} predicted, {summary.errors} without a prediction, "
           f"{summary.warned} with a warning){rate}")

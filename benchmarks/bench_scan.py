@@ -157,7 +157,7 @@ def _pretend_done(cache, ensemble, out: Path, keep: int) -> None:
     from paraisite.screening.scan import columns
 
     paths = ScanPaths(out)
-    header = columns(ensemble.info.splits, False, cache.label_names if cache.labels is not None else [])
+    header = columns(ensemble.info.splits, (), cache.label_names if cache.labels is not None else [])
     paths.parts.mkdir(parents=True, exist_ok=True)
     paths.running_meta.write_text(json.dumps(scan_meta(ensemble, cache, header)))
     filler = [""] * (len(header) - 1)

@@ -1,8 +1,10 @@
-"""megnet_pt: MEGNet on PyTorch Geometric, with the published formation-energy weights.
+"""megnet_pt: MEGNet on PyTorch Geometric, with the published formation-energy and band-gap weights.
 
     from megnet_pt import load_pretrained, structure_to_graph
     model = load_pretrained("MEGNet-MP-2018.6.1-Eform")
     out = model(structure_to_graph(structure))   # out.prediction, out.features, out.readout
+    gap = load_pretrained("MEGNet-MP-2019.4.1-BandGap-mfi")   # multi-fidelity: state 0 PBE, 1 GLLB-SC, 2 HSE, 3 SCAN
+    gap(structure_to_graph(structure, cutoff=5.0), state=2).prediction   # the HSE band gap (eV)
 """
 from .block import MEGNetBlock
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint

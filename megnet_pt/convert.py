@@ -10,6 +10,7 @@ Key mapping (published -> megnet_pt), after dropping the ``model.`` prefix:
 
     bond_expansion.rbf.centers           -> distance_expansion.centers
     embedding.layer_node_embedding.*     -> node_embedding.*
+    embedding.layer_state_embedding.*    -> state_embedding.*   (models with ntypes_state: the band-gap one)
     blocks.b.{edge,node,state}_func.*    -> blocks.b.{edge,node,state}_dense.*
     blocks.b.conv.{edge,node,state}_func -> blocks.b.conv.{edge,node,state}_mlp
     {node,edge}_s2s.*                    -> {node,edge}_set2set.*
@@ -34,6 +35,7 @@ from .model import MEGNet, MEGNetConfig
 _RENAMES = [
     (r"^bond_expansion\.rbf\.centers$", "distance_expansion.centers"),
     (r"^embedding\.layer_node_embedding\.", "node_embedding."),
+    (r"^embedding\.layer_state_embedding\.", "state_embedding."),
     (r"^blocks\.(\d+)\.conv\.(edge|node|state)_func\.", r"blocks.\1.conv.\2_mlp."),
     (r"^blocks\.(\d+)\.(edge|node|state)_func\.", r"blocks.\1.\2_dense."),
     (r"^(node|edge)_s2s\.", r"\1_set2set."),
@@ -50,8 +52,16 @@ def rename_key(key: str) -> str:
     return key
 
 
-def config_from_model_json(meta: dict, where: str) -> tuple[MEGNetConfig, float, float]:
-    """MEGNetConfig and the target normaliser (mean, std) from matgl's model.json."""
+# What each published model predicts, and the names of its integer states (model.json names neither).
+PUBLISHED_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "MEGNet-MP-2018.6.1-Eform": ("eform_ev_per_atom", ()),
+    "MEGNet-MP-2019.4.1-BandGap-mfi": ("band_gap_ev", ("pbe", "gllb-sc", "hse", "scan")),
+}
+
+
+def config_from_model_json(meta: dict, where: str, name: str = "") -> tuple[MEGNetConfig, float, float]:
+    """MEGNetConfig and the target normaliser (mean, std) from matgl's model.json (``name``: the model's, for
+    what it predicts)."""
     try:
         kwargs = meta["kwargs"]
         args = kwargs["model"]["init_args"]
@@ -63,7 +73,6 @@ def config_from_model_json(meta: dict, where: str) -> tuple[MEGNetConfig, float,
         "include_state": (True,),
         "is_classification": (False,),
         "dropout": (None, 0, 0.0),
-        "ntypes_state": (None,),
     }
     for key, allowed in unsupported.items():
         if key in args and args[key] not in allowed:
@@ -73,6 +82,7 @@ def config_from_model_json(meta: dict, where: str) -> tuple[MEGNetConfig, float,
         num_gaussians=int(args["dim_edge_embedding"]),
         gaussian_gamma=float(args.get("gauss_width", 0.5)),
         dim_state=int(args["dim_state_embedding"]),
+        num_state_types=int(args["ntypes_state"]) if args.get("ntypes_state") else None,
         num_blocks=int(args["nblocks"]),
         hidden_encoder=tuple(args["hidden_layer_sizes_input"]),
         hidden_dense=tuple(args["hidden_layer_sizes_input"]),
@@ -81,6 +91,11 @@ def config_from_model_json(meta: dict, where: str) -> tuple[MEGNetConfig, float,
         set2set_steps=int(args["niters_set2set"]),
         cutoff=float(args["cutoff"]),
     )
+    if config.num_state_types is not None and config.num_state_types < 1:
+        raise CheckpointError(f"{where}: model.json ntypes_state={args['ntypes_state']!r} is not a number of states")
+    target, states = PUBLISHED_TARGETS.get(name, ("prediction", ()))
+    config.target_name = target
+    config.state_names = states or tuple(str(k) for k in range(config.num_state_types or 0))
     mean, std = 0.0, 1.0
     transformer = kwargs.get("target_transformer")
     if transformer:
@@ -102,7 +117,7 @@ def convert_published(folder: str | Path) -> tuple[MEGNet, dict[str, str]]:
         meta = json.loads(json_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{json_path}: not valid JSON ({exc})") from exc
-    config, mean, std = config_from_model_json(meta, str(json_path))
+    config, mean, std = config_from_model_json(meta, str(json_path), folder.resolve().name)
     try:
         published = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -253,6 +253,10 @@ PUBLISHED_WEIGHTS: dict[str, dict[str, str]] = {
         "state.pt": "35381368b17a2783f9ee09af5556cf1d84b74bf786b82d3fadd4acb38c51d040",
         "model.json": "d858219134667d55e3c183435475ba248231a67311573373ed7298191f05d0a4",
     },
+    "MEGNet-MP-2019.4.1-BandGap-mfi": {
+        "state.pt": "2927ab9646ec3e099a3e42b1358a3c477db7356e2413bfa540fe0106cde628f9",
+        "model.json": "9f8f4b8709e97c6ce25353f6b6c322ce3b5e031c71115cf6b94d5cd794f39bc2",
+    },
 }
 
 
@@ -262,6 +266,24 @@ def published_weights_urls(name: str, base_url: str | None = None) -> dict[str, 
         raise ValueError(f"no published weights named {name!r}; known: {', '.join(PUBLISHED_WEIGHTS)}")
     base = resolve_base_url(base_url)
     return {f: MATGL.url(f"pretrained_models/{name}/{f}", base) for f in PUBLISHED_WEIGHTS[name]}
+
+
+def mirrored_weights(name: str, base_url: str | None = None) -> Path | None:
+    """The folder of ``name``'s published files inside a local mirror (a folder or ``file://`` base URL), to be
+    read in place, nothing copied; None when the mirror is remote or lacks them. A file there with another
+    sha256 than the pinned one is refused (``ChecksumError``)."""
+    base = resolve_base_url(base_url)
+    if name not in PUBLISHED_WEIGHTS or base is None or not base.startswith("file://"):
+        return None
+    folder = Path(urllib.request.url2pathname(urllib.parse.urlparse(MATGL.url(f"pretrained_models/{name}", base)).path))
+    if not all((folder / f).is_file() for f in PUBLISHED_WEIGHTS[name]):
+        return None
+    for file, sha in PUBLISHED_WEIGHTS[name].items():
+        got = sha256_file(folder / file)
+        if got != sha:
+            raise ChecksumError(f"{folder / file}: sha256 {got}, expected the published file's {sha}; "
+                                "the mirror's copy is damaged or another file")
+    return folder
 
 
 def fetch_published_weights(name: str = "MEGNet-MP-2018.6.1-Eform", base_url: str | None = None,

@@ -17,7 +17,8 @@ Fields of the returned ``Data``:
     edge_image  float32 [E, 3]  image n of the target
     pos         float32 [N, 3]  Cartesian positions (Å)
     lattice     float32 [1, 3, 3]
-    state       float32 [1, 2]  the graph attribute, [0, 0] for every crystal
+    state       float32 [1, 2]  the graph attribute, [0, 0] for every crystal (the formation-energy model);
+                long [1]        with ``state=k``: an integer state, the fidelity of the band-gap model
     id, formula str
 """
 from __future__ import annotations
@@ -124,9 +125,21 @@ def check_cutoff(cutoff: float) -> None:
         raise ValueError(f"the neighbour cutoff must be a positive number of Å (got {cutoff!r})")
 
 
-def structure_to_graph(structure: Any, cutoff: float = DEFAULT_CUTOFF, id: str | None = None) -> Data:
-    """Build the MEGNet graph of one crystal (see the module docstring)."""
+def graph_state(state: int | None) -> torch.Tensor:
+    """A graph's ``state``: ``[[0, 0]]`` (float) by default, ``[k]`` (long) for an integer state ``k``."""
+    if state is None:
+        return torch.zeros(1, 2)
+    if isinstance(state, bool) or not isinstance(state, int) or state < 0:
+        raise ValueError(f"state must be a non-negative integer (a fidelity index), got {state!r}")
+    return torch.tensor([state], dtype=torch.long)
+
+
+def structure_to_graph(structure: Any, cutoff: float = DEFAULT_CUTOFF, id: str | None = None,
+                       state: int | None = None) -> Data:
+    """Build the MEGNet graph of one crystal (see the module docstring); ``state``: an integer state, e.g. the
+    fidelity of the band-gap model (``megnet_pt.pretrained.FIDELITIES``)."""
     check_cutoff(cutoff)
+    state_tensor = graph_state(state)
     structure = as_structure(structure, id)
     formula = reduced_formula(structure)  # pymatgen rebuilds the composition on every access: once
     name = id or formula
@@ -146,11 +159,24 @@ def structure_to_graph(structure: Any, cutoff: float = DEFAULT_CUTOFF, id: str |
         edge_image=torch.from_numpy(np.asarray(images, dtype=np.float32).reshape(-1, 3)),
         pos=torch.from_numpy(cart_coords.astype(np.float32)),
         lattice=torch.from_numpy(lattice.astype(np.float32)).unsqueeze(0),
-        state=torch.zeros(1, 2),
+        state=state_tensor,
         num_nodes=len(structure),
         id=id if id is not None else formula,
         formula=formula,
     )
+
+
+def with_cutoff(data: Data, cutoff: float) -> Data:
+    """``data``'s crystal (its ``pos`` and ``lattice``) as a graph at another cutoff, e.g. a cached 4 Å graph for a
+    model of 5 Å; state, id and formula are kept."""
+    check_cutoff(cutoff)
+    lattice = data.lattice.reshape(3, 3).double().numpy()
+    src, dst, images, dist = neighbor_list(data.pos.double().numpy(), lattice, cutoff)
+    out = data.clone()
+    out.edge_index = torch.from_numpy(np.stack([src, dst]))
+    out.edge_dist = torch.from_numpy(dist.astype(np.float32))
+    out.edge_image = torch.from_numpy(np.asarray(images, dtype=np.float32).reshape(-1, 3))
+    return out
 
 
 def isolated_atoms(data: Data) -> torch.Tensor:

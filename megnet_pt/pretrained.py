@@ -7,8 +7,14 @@
 2. the published files ``<published_dir>/{state.pt,model.json}`` (default
    ``$MEGNET_PT_HOME/weights/<name>/``), converted on the fly and the result
    saved to ``weights/<name>.pt``;
-3. a download of the published files into that folder (see
+3. the published files in a local mirror (``base_url`` or ``$MEGNET_PT_BASE_URL`` a folder or ``file://``
+   URL), read in place and checked by sha256, then step 2;
+4. a download of the published files into that folder (see
    ``megnet_pt.download``), then step 2.
+
+Two models are published (``megnet_pt.download.PUBLISHED_WEIGHTS``): ``MEGNet-MP-2018.6.1-Eform``
+(formation energy, eV/atom) and ``MEGNet-MP-2019.4.1-BandGap-mfi`` (band gap, eV, at a fidelity:
+``model(graphs, state=k)``, k in 0 PBE, 1 GLLB-SC, 2 HSE, 3 SCAN, ``model.config.state_names``).
 
 The converted file always goes to ``weights_dir`` (default ``./weights``),
 never beside the published files, which may be read-only.
@@ -51,6 +57,12 @@ def load_pretrained(name: str = DEFAULT_MODEL, weights_dir: str | Path | None = 
     checkpoint = converted_path(name, weights_dir)
     published = Path(published_dir) if published_dir is not None else paths.weights_dir(name)
     have_published = (published / "state.pt").is_file() and (published / "model.json").is_file()
+    if not have_published:
+        from .download import mirrored_weights
+
+        mirrored = mirrored_weights(name, base_url)  # a local mirror is read in place, never copied
+        if mirrored is not None:
+            published, have_published = mirrored, True
     if checkpoint.is_file():
         try:
             if not have_published or _sources_match(checkpoint, published):

@@ -20,6 +20,7 @@ Output CSV columns, one row per input structure:
     id, formula, ltc_split<k> (one per model), the five statistics above, [ltc_lo, ltc_hi, domain],
     n_sites, volume (Å^3), density (g/cm^3), atomic_density (atoms/Å^3), n_elements,
     [eform_ev_per_atom: the published MEGNet formation energy, with --with-eform],
+    [band_gap_pbe_ev: the published multi-fidelity MEGNet's PBE band gap, with --with-bandgap],
     input_<field> for every per-structure field of the cache (its labels: e.g. the
     Materials Project's band_gap, is_stable as 1/0; empty where missing),
     warning
@@ -59,7 +60,6 @@ from megnet_pt.graph import isolated_atoms
 from megnet_pt.predict import isolated_warning
 
 from .ensemble import Ensemble
-from .fused import FusedEform
 from .intervals import Calibration, DomainEmbedding
 from ..training.rundir import RunDir
 from .files import ScanPaths, append_rows, merge_parts, prepare_parts
@@ -67,7 +67,6 @@ from .files import ScanPaths, append_rows, merge_parts, prepare_parts
 STAT_COLUMNS = ["ltc_mean", "ltc_std", "ltc_std_over_mean", "ltc_max", "ltc_max_x_std_over_mean"]
 INTERVAL_COLUMNS = ["ltc_lo", "ltc_hi", "domain"]  # with a calibration (paraisite.screening.intervals)
 DESCRIPTOR_COLUMNS = ["n_sites", "volume", "density", "atomic_density", "n_elements"]
-EFORM_COLUMN = "eform_ev_per_atom"
 INPUT_PREFIX = "input_"  # the cache's own per-structure fields, as given
 SIZE_FACTOR = 2.0  # "far beyond the training range": more than twice the atoms of the largest training cell
 AMU_PER_A3_TO_G_PER_CM3 = 1.66053906660
@@ -75,10 +74,12 @@ AMU_PER_A3_TO_G_PER_CM3 = 1.66053906660
 
 # --- columns and per-structure quantities ---------------------------------------------------------
 
-def columns(splits: Sequence[int], with_eform: bool, fields: Sequence[str] = (), with_intervals: bool = False) -> list[str]:
+def columns(splits: Sequence[int], properties: Sequence[str] = (), fields: Sequence[str] = (),
+            with_intervals: bool = False) -> list[str]:
+    """The scan's CSV header; ``properties``: the published-MEGNet columns asked for (:mod:`.properties`)."""
     return (["id", "formula"] + [f"ltc_split{k}" for k in splits] + STAT_COLUMNS
             + (INTERVAL_COLUMNS if with_intervals else []) + DESCRIPTOR_COLUMNS
-            + ([EFORM_COLUMN] if with_eform else []) + [INPUT_PREFIX + f for f in fields] + ["warning"])
+            + list(properties) + [INPUT_PREFIX + f for f in fields] + ["warning"])
 
 
 def ensemble_statistics(pred: np.ndarray) -> dict[str, np.ndarray]:
@@ -201,13 +202,14 @@ def _field(value: float) -> str:
 
 def format_rows(
     ids: Sequence[str], formulas: Sequence[str], pred: np.ndarray | None, desc: dict[str, np.ndarray] | None,
-    eform: np.ndarray | None, warnings: Sequence[str], with_eform: bool, n_models: int,
+    props: dict[str, np.ndarray] | None, warnings: Sequence[str], property_names: Sequence[str], n_models: int,
     fields: np.ndarray | None = None, bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     with_intervals: bool = False,
 ) -> list[list[str]]:
     """CSV rows; ``pred`` None (or a NaN row) leaves the prediction columns empty, a NaN field its cell.
 
-    ``bounds``: (ltc_lo, ltc_hi, domain) of each row, with ``with_intervals``."""
+    ``props``: the value of each of ``property_names`` per row (None: empty cells); ``bounds``: (ltc_lo, ltc_hi,
+    domain) of each row, with ``with_intervals``."""
     stats = ensemble_statistics(pred) if pred is not None else None
     rows = []
     for i, (sid, formula) in enumerate(zip(ids, formulas)):
@@ -223,8 +225,7 @@ def format_rows(
                     _number(float(desc["atomic_density"][i])), str(int(desc["n_elements"][i]))]
         else:
             row += [""] * len(DESCRIPTOR_COLUMNS)
-        if with_eform:
-            row.append(_number(float(eform[i])) if eform is not None else "")
+        row += [_number(float(props[name][i])) if props is not None else "" for name in property_names]
         if fields is not None:
             row += [_field(float(v)) for v in fields[i]]
         row.append(" ".join(warnings[i].split()))
@@ -246,36 +247,38 @@ class ScanReport:
 
 
 def predict_batch(
-    batch: Batch, ensemble: Ensemble, device: torch.device, eform_model: FusedEform | None = None
-) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """Predictions ``[B, M]`` (NaN rows where the models failed), formation energies, and error notes per structure.
+    batch: Batch, ensemble: Ensemble, device: torch.device, properties: dict[str, torch.nn.Module] | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
+    """Predictions ``[B, M]`` (NaN rows where the models failed), the ``properties`` columns (formation energy,
+    band gap: :mod:`.properties`), and error notes per structure.
 
     A batch that fails as a whole is retried one structure at a time, so that
     one bad structure (or one too large for the GPU) costs only its own row.
     """
     b = batch.num_graphs
     errors = [""] * b
+    properties = properties or {}
     try:
         on_device = copy.copy(batch).to(device)  # PyG's .to() moves in place: the caller's batch stays on the CPU
         pred = ensemble(on_device).cpu().numpy()
-        eform = eform_model(on_device).cpu().numpy() if eform_model is not None else None
+        props = {name: model(on_device).cpu().numpy() for name, model in properties.items()}
     except Exception as exc:
         pred = np.full((b, len(ensemble)), math.nan)
-        eform = np.full(b, math.nan) if eform_model is not None else None
+        props = {name: np.full(b, math.nan) for name in properties}
         if b == 1:
             errors[0] = f"error: the models failed on this structure ({type(exc).__name__}: {str(exc).strip()[:200]})"
         else:
             for i in range(b):
-                p, e, err = predict_batch(Batch.from_data_list([batch.get_example(i)]), ensemble, device, eform_model)
+                p, one, err = predict_batch(Batch.from_data_list([batch.get_example(i)]), ensemble, device, properties)
                 pred[i], errors[i] = p[0], err[0]
-                if eform is not None:
-                    eform[i] = e[0]
+                for name in props:
+                    props[name][i] = one[name][0]
     splits = ensemble.info.splits if ensemble.info else list(range(1, len(ensemble) + 1))
     for i in np.flatnonzero(~np.isfinite(pred).all(axis=1)):
         if not errors[i]:
             which = [str(splits[k]) for k in np.flatnonzero(~np.isfinite(pred[i]))]
             errors[i] = f"error: non-finite prediction from the model(s) of split(s) {','.join(which)}"
-    return pred, eform, errors
+    return pred, props, errors
 
 
 def shard(positions: np.ndarray, rank: int, world: int) -> np.ndarray:
@@ -290,7 +293,7 @@ class ScanSettings:
 
     batch_size: int = 32
     device: torch.device | str = "cpu"
-    eform_model: FusedEform | None = None  # adds the formation-energy column
+    properties: dict[str, torch.nn.Module] | None = None  # published-MEGNet columns (.properties.property_models)
     domain: TrainingDomain | None = None  # adds the outside-the-training-data warnings
     intervals: Calibration | None = None  # adds ltc_lo, ltc_hi and domain
     level: float | None = None  # of the intervals (None: the calibration's own)
@@ -307,17 +310,16 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
     rank writes its own part, rank 0 merges. Returns this process's report.
     """
     settings = settings or ScanSettings()
-    batch_size, eform_model, domain = settings.batch_size, settings.eform_model, settings.domain
+    batch_size, properties, domain = settings.batch_size, settings.properties or {}, settings.domain
     rank, world, progress, sync = settings.rank, settings.world, settings.progress, settings.sync
     start = time.perf_counter()
     device = torch.device(settings.device)
     paths = ScanPaths(Path(out))
-    with_eform = eform_model is not None
     field_names = cache.label_names if cache.labels is not None else []
     calibration = settings.intervals
     with_intervals = calibration is not None
-    header = columns(ensemble.info.splits if ensemble.info else range(1, len(ensemble) + 1), with_eform, field_names,
-                     with_intervals)
+    header = columns(ensemble.info.splits if ensemble.info else range(1, len(ensemble) + 1), list(properties),
+                     field_names, with_intervals)
     failures = cache.failures
     order = {sid: k for k, sid in enumerate(cache.ids)}
     order.update({sid: len(cache) + k for k, (sid, _) in enumerate(failures)})
@@ -339,14 +341,14 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
     if rank == 0 and failed_todo:
         rows = format_rows([failures[k][0] for k in failed_todo], ["" for _ in failed_todo], None, None, None,
                            [f"error: could not be turned into a graph: {failures[k][1]}" for k in failed_todo],
-                           with_eform, len(ensemble), np.full((len(failed_todo), len(field_names)), math.nan),
+                           list(properties), len(ensemble), np.full((len(failed_todo), len(field_names)), math.nan),
                            with_intervals=with_intervals)
         append_rows(paths.part(0), rows, header)
         report.failed += len(rows)
 
     ensemble.to(device).eval()
-    if eform_model is not None:
-        eform_model.to(device).eval()
+    for model in properties.values():
+        model.to(device).eval()
     from tqdm import tqdm
 
     embed = DomainEmbedding.published().to(device) if with_intervals else None
@@ -354,7 +356,7 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
                smoothing=0.05)
     if len(mine):
         for batch in cache.iter_batches(batch_size, indices=mine):
-            pred, eform, errors = predict_batch(batch, ensemble, device, eform_model)
+            pred, props, errors = predict_batch(batch, ensemble, device, properties)
             warnings = ["; ".join(w for w in pair if w) for pair in
                         zip(batch_warnings(batch, cache.cutoff, domain), impossible_warnings(pred))]
             bounds = None
@@ -364,8 +366,8 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
                 warnings = ["; ".join(w for w in pair if w) for pair in zip(warnings, calibration.warnings(domain_score))]
             notes = [e + ("; " + w if w else "") if e else w for e, w in zip(errors, warnings)]
             fields = cache.labels[[order[sid] for sid in batch.id]] if field_names else None
-            rows = format_rows(batch.id, batch.formula, pred, descriptors(batch), eform, notes, with_eform, len(ensemble),
-                               fields, bounds, with_intervals)
+            rows = format_rows(batch.id, batch.formula, pred, descriptors(batch), props, notes, list(properties),
+                               len(ensemble), fields, bounds, with_intervals)
             append_rows(paths.part(rank), rows, header)
             n_bad = sum(1 for e in errors if e)
             report.failed += n_bad

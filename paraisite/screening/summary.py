@@ -7,7 +7,9 @@ of every model's prediction, the spread std/mean against the mean, and with
 mean and the variance of the predictions against each descriptor and each
 numeric field the inputs carry (``input_<field>`` columns: the Materials
 Project's energy_per_atom, band_gap, is_stable as 1/0, ... as the paper's
-Tables 1-4), over the materials that have both.
+Tables 1-4), over the materials that have both. With a predicted band gap (``--with-bandgap``), ``band_gap``
+is the input's own (the Materials Project's ``input_band_gap``) where it has one and the predicted PBE gap
+elsewhere, so that structures from outside the Materials Project are correlated too.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import numpy as np
 from scipy import stats
 
 from .files import ScanPaths
-from .scan import EFORM_COLUMN, INPUT_PREFIX
+from .properties import BANDGAP_COLUMN, EFORM_COLUMN
+from .scan import INPUT_PREFIX
 
 def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int]:
     """(r, two-sided p, n) over the pairs without a NaN; NaN where r is undefined (n < 3 or a constant)."""
@@ -79,7 +82,24 @@ CORRELATION_DESCRIPTORS = {
     "volume": "volume (Å^3)", "n_sites": "number of sites", "density": "density (g/cm^3)",
     "atomic_density": "atomic density (atoms/Å^3)", "n_elements": "number of elements",
     EFORM_COLUMN: "predicted formation energy (eV/atom)",
+    BANDGAP_COLUMN: "predicted PBE band gap (eV)",
+    "band_gap": "band gap (eV): the input's where given, else the predicted PBE gap",
 }
+INPUT_BANDGAP = INPUT_PREFIX + "band_gap"
+
+
+def descriptor_values(chunk: list[dict[str, str]], name: str) -> np.ndarray | None:
+    """The values of descriptor ``name`` in ``chunk`` (None where the scan has no such column)."""
+    header = chunk[0]
+    if name == "band_gap":
+        if BANDGAP_COLUMN not in header:
+            return None
+        predicted = _column(chunk, BANDGAP_COLUMN)
+        if INPUT_BANDGAP not in header:
+            return predicted
+        given = _column(chunk, INPUT_BANDGAP)
+        return np.where(np.isfinite(given), given, predicted)
+    return _column(chunk, name) if name in header else None
 
 
 def summarize(out: str | Path, top: int = 30, correlations: bool = False) -> Summary:
@@ -119,9 +139,9 @@ def summarize(out: str | Path, top: int = 30, correlations: bool = False) -> Sum
             targets = {"ltc_mean": mean, "ltc_variance": std**2}
             inputs = [c for c in chunk[0] if c.startswith(INPUT_PREFIX)]
             for name in [*CORRELATION_DESCRIPTORS, *inputs]:
-                if name not in chunk[0]:
+                x = descriptor_values(chunk, name)
+                if x is None:
                     continue
-                x = _column(chunk, name)
                 for target, y in targets.items():
                     xs, ys = pairs.setdefault((target, name), ([], []))
                     xs.append(x)
