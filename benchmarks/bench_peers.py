@@ -63,9 +63,9 @@ def work_file(tmp: Path, n: int, steps: int, warmup: int) -> tuple[Path, int]:
 
 def run_worker(python: str, impl: str, work: Path, tree: Path = ROOT) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    if impl == "ours":
+    if impl.startswith("ours"):
         env["PYTHONPATH"] = str(tree)
-    worker = (tree if impl == "ours" else ROOT) / "benchmarks" / "peer_worker.py"  # ours at a commit: its own worker
+    worker = (tree if impl.startswith("ours") else ROOT) / "benchmarks" / "peer_worker.py"  # ours at a commit: its own worker
     proc = subprocess.run([python, str(worker), impl, str(work)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -89,12 +89,15 @@ def main() -> None:
     p.add_argument("--matgl4", default=os.environ.get("MATGL4_PYTHON"), help="python of a venv with matgl 4 (PyG)")
     p.add_argument("--upstream", default=os.environ.get("UPSTREAM_PYTHON"), help="python of a venv with matgl 1.2.1 + DGL")
     p.add_argument("--before", type=Path, default=None, help="this project at another commit (a worktree), timed too")
+    p.add_argument("--fast-step", action="store_true", help="also time ours with the fast step (megnet_pt.fast)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--structures", type=int, default=1024, help="AFLOW structures in the work (default %(default)s)")
     p.add_argument("--steps", type=int, default=60, help="timed training steps per round (default %(default)s)")
     p.add_argument("--train-epoch", action="store_true", help="also time a real train.py AFLOW epoch of ours")
     args = p.parse_args()
     impls = [("ours", sys.executable, "ours", ROOT)]
+    if args.fast_step:
+        impls.append(("fast", sys.executable, "ours-fast", ROOT))
     if args.before:
         impls.append(("before", sys.executable, "ours", args.before.resolve()))
     impls += [(label, py, "matgl", ROOT) for label, py in (("matgl4", args.matgl4), ("upstream", args.upstream)) if py]

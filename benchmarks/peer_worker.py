@@ -1,6 +1,6 @@
 """One round of ``bench_peers.py`` in one implementation's own environment; prints its figures as JSON.
 
-    python benchmarks/peer_worker.py ours|matgl WORK.json
+    python benchmarks/peer_worker.py ours|ours-fast|matgl WORK.json
 
 Runs with the interpreter of that implementation's virtual environment, so it
 imports nothing of this project but for ``ours``. WORK.json names the CIF
@@ -42,15 +42,19 @@ def mape_of(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class Ours:
     name = "megnet_pt (this project)"
 
-    def __init__(self) -> None:
+    def __init__(self, fast: bool = False) -> None:
         from megnet_pt import MEGNet, structure_to_graph
+        from megnet_pt.fast import set_fast
         from megnet_pt.model import collate
         from paraisite.model import ParAIsite
         from paraisite.training.steps import adam
 
         self.to_graph, self.collate = structure_to_graph, collate  # collate: as train.py's step and predict()
         self.megnet = MEGNet()
-        self.model = ParAIsite(MEGNet())
+        self.model = set_fast(ParAIsite(MEGNet()), fast)
+        set_fast(self.megnet, fast)
+        if fast:
+            self.name += ", fast step"
         self.optimizer = adam([(n, p) for n, p in self.model.named_parameters() if p.requires_grad], 1e-3)
 
     def graph(self, structure):
@@ -140,7 +144,7 @@ def main() -> None:
 
     structures = [Structure.from_file(f) for f in work["cifs"]]
     y = torch.tensor(work["labels"], dtype=torch.float32)
-    bench = Ours() if impl == "ours" else Matgl()
+    bench = Ours(fast=impl == "ours-fast") if impl.startswith("ours") else Matgl()
     for s in structures[:50]:  # warm-up: lazy imports and first-call set-up
         bench.graph(s)
     t0 = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .conv import MEGNetConv
+from .fast import GraphIndex
 from .mlp import MLP
 
 
@@ -31,7 +32,9 @@ class MEGNetBlock(nn.Module):
             inner = dim
         self.conv = MEGNetConv(inner, inner, inner, conv_hidden)
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, state: Tensor, batch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns the updated ``(edge_attr, x, state)``."""
-        e, v, u = self.conv(self.node_dense(x), edge_index, self.edge_dense(edge_attr), self.state_dense(state), batch)
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, state: Tensor, batch: Tensor,
+                index: GraphIndex | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns the updated ``(edge_attr, x, state)`` (``index``: the fast step's, see :mod:`megnet_pt.fast`)."""
+        e, v, u = self.conv(self.node_dense(x), edge_index, self.edge_dense(edge_attr), self.state_dense(state), batch,
+                            index)
         return e + edge_attr, v + x, u + state

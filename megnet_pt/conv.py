@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
+from .fast import GraphIndex, conv_forward
 from .mlp import MLP
 
 
@@ -38,8 +39,12 @@ class MEGNetConv(nn.Module):
         self.node_mlp = MLP([dim_node + hidden[-1] + dim_state, *hidden])
         self.state_mlp = MLP([dim_state + 2 * hidden[-1], *hidden])
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, state: Tensor, batch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns the updated ``(edge_attr, x, state)``."""
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, state: Tensor, batch: Tensor,
+                index: GraphIndex | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns the updated ``(edge_attr, x, state)``; given ``index``, by the fast step's
+        :func:`megnet_pt.fast.conv_forward` (the same function, fewer operators)."""
+        if index is not None:
+            return conv_forward(self, x, edge_attr, state, index)
         num_graphs = state.size(0)
         source, target = edge_index[0], edge_index[1]
         edge_batch = batch[source]

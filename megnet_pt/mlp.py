@@ -4,8 +4,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .fast import mlp_forward
 
 
 def softplus2(x: Tensor) -> Tensor:
@@ -26,6 +29,8 @@ class MLP(nn.Module):
     Layers are kept in ``self.layers`` (an ``nn.Sequential``) whose indices count
     the activations too, so Linear layers sit at even indices 0, 2, 4, ...
     The last activation is present only when ``activate_last`` is true.
+    With ``fast`` set (:func:`megnet_pt.fast.set_fast`), the whole MLP is one
+    autograd node with its backward written out (:mod:`megnet_pt.fast`).
     """
 
     def __init__(self, dims: Sequence[int], activate_last: bool = True, activation: type[nn.Module] = SoftPlus2) -> None:
@@ -37,6 +42,14 @@ class MLP(nn.Module):
                 layers.append(activation())
         self.layers = nn.Sequential(*layers)
         self.dims = tuple(dims)
+        self.activate_last = activate_last
+        self.fast = False
+        self.fast_activation = "softplus2" if activation is SoftPlus2 else None
+
+    def linears(self) -> list[nn.Linear]:
+        return [m for m in self.layers if isinstance(m, nn.Linear)]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fast and self.fast_activation:
+            return mlp_forward(x, self.linears(), self.fast_activation, self.activate_last)
         return self.layers(x)

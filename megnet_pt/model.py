@@ -10,6 +10,7 @@ from torch_geometric.data import Batch, Data
 
 from .block import MEGNetBlock
 from .expansion import GaussianExpansion
+from .fast import graph_index, mlp_forward
 from .mlp import MLP, softplus2
 from .set2set import Set2Set
 
@@ -107,6 +108,7 @@ class MEGNet(nn.Module):
         self.output_mlp = MLP([2 * out + 2 * out + out, *c.hidden_output, 1], activate_last=False)
         self.register_buffer("target_mean", torch.tensor(0.0))
         self.register_buffer("target_std", torch.tensor(1.0))
+        self.fast = False  # the fast step (megnet_pt.fast.set_fast): the same function, a fraction of the operators
 
     def encode_state(self, state: Tensor | int | None, num_graphs: int) -> Tensor:
         """``[num_graphs, dim_state]``: the float state as given, or the embedding of the integer one."""
@@ -138,14 +140,17 @@ class MEGNet(nn.Module):
         v = self.node_encoder(self.node_embedding(data.node_type))
         e = self.edge_encoder(self.distance_expansion(data.edge_dist))
         u = self.state_encoder(self.encode_state(getattr(data, "state", None) if state is None else state, num_graphs))
+        index = graph_index(data.edge_index, batch, v.size(0), num_graphs, v.dtype) if self.fast else None
         for block in self.blocks:
-            e, v, u = block(v, data.edge_index, e, u, batch)
+            e, v, u = block(v, data.edge_index, e, u, batch, index)
         node_readout = self.node_set2set(v, batch, dim_size=num_graphs)
         edge_readout = self.edge_set2set(e, batch[data.edge_index[0]], dim_size=num_graphs)
         return torch.cat([node_readout, edge_readout, u], dim=-1)
 
     def features_from_readout(self, readout: Tensor) -> Tensor:
         """The 16-d features: the output MLP without its last layer (no activation after)."""
+        if self.output_mlp.fast:
+            return mlp_forward(readout, self.output_mlp.linears()[:-1], "softplus2", activate_last=False)
         return self.output_mlp.layers[:-2](readout)
 
     def forward(self, data: Data | Batch, state: Tensor | int | None = None) -> MEGNetOutput:

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 
 from megnet_pt import MEGNet
+from megnet_pt.fast import mlp_forward
 from megnet_pt.model import collate
 from megnet_pt.pretrained import load_pretrained
 
@@ -26,6 +27,8 @@ class LTCHead(nn.Sequential):
 
     .. math::
         \hat z = W_4\,\mathrm{ReLU}(W_3\,\mathrm{ReLU}(W_2\,\mathrm{ReLU}(W_1 \mathbf{f} + b_1) + b_2) + b_3) + b_4
+
+    With ``fast`` set (:func:`megnet_pt.fast.set_fast`), the head is one autograd node.
     """
 
     def __init__(self, dims: tuple[int, ...] = (16, 450, 350, 350, 1)) -> None:
@@ -35,6 +38,12 @@ class LTCHead(nn.Sequential):
             if i < len(dims) - 2:
                 layers.append(nn.ReLU())
         super().__init__(*layers)
+        self.fast = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fast:
+            return mlp_forward(x, [m for m in self if isinstance(m, nn.Linear)], "relu", activate_last=False)
+        return super().forward(x)
 
 
 class ParAIsite(nn.Module):
