@@ -32,95 +32,43 @@ in float64 (``tests/test_fast_step.py``).
 """
 from __future__ import annotations
 
-import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-LOG2 = math.log(2.0)
 ACTIVATIONS = ("softplus2", "relu")
 
 
-class MLPFunction(torch.autograd.Function):
-    """``MLPFunction.apply(x, activation, activate_last, activate_input, w1, b1, ..., wk, bk)``: the MLP, one autograd node."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, activation: str, activate_last: bool, activate_input: bool, *params: Tensor) -> Tensor:
-        weights, biases = params[0::2], params[1::2]
-        act = _softplus2_and_slope if activation == "softplus2" else _relu_and_slope
-        inputs: list[Tensor] = []
-        slopes: list[Tensor | None] = []
-        input_slope = None
-        h = x
-        if activate_input:  # x is the pre-activation of a layer computed outside (MEGNetConv's split first layer)
-            h, input_slope = act(x)
-        for layer, (w, b) in enumerate(zip(weights, biases)):
-            inputs.append(h)
-            z = torch.addmm(b, h, w.t())
-            if layer == len(weights) - 1 and not activate_last:
-                slopes.append(None)
-                h = z
-            else:
-                h, slope = act(z)
-                slopes.append(slope)
-        ctx.num_layers = len(weights)
-        ctx.save_for_backward(input_slope, *inputs, *slopes, *weights)
-        return h
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        n = ctx.num_layers
-        input_slope, *saved = ctx.saved_tensors
-        inputs, slopes, weights = saved[:n], saved[n : 2 * n], saved[2 * n :]
-        needs = ctx.needs_input_grad
-        grads: list[Tensor | None] = [None] * (2 * n)
-        g = grad
-        for layer in range(n - 1, -1, -1):
-            slope = slopes[layer]
-            if slope is not None:
-                g = g * slope
-            if needs[4 + 2 * layer]:
-                grads[2 * layer] = g.t().mm(inputs[layer])
-            if needs[5 + 2 * layer]:
-                grads[2 * layer + 1] = g.sum(0)
-            if layer == 0 and not needs[0]:
-                return (None, None, None, None, *grads)
-            g = g.mm(weights[layer])
-        if input_slope is not None:
-            g = g * input_slope
-        return (g, None, None, None, *grads)
+_ops = None
 
 
-def _softplus2_and_slope(z: Tensor) -> tuple[Tensor, Tensor]:
-    """softplus2(z) and its derivative, the logistic sigmoid of z."""
-    return F.softplus(z).sub_(LOG2), torch.sigmoid(z)
+def fast_ops():
+    """The compiled operators of ``fast_mlp.cpp``: built on first use by ``torch.utils.cpp_extension`` (a C++
+    compiler and ninja; about 40 s, then cached in ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)."""
+    global _ops
+    if _ops is None:
+        from torch.utils.cpp_extension import load
 
-
-def _relu_and_slope(z: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.relu(z), z > 0
+        try:
+            _ops = load("megnet_pt_fast_mlp", [str(Path(__file__).with_name("fast_mlp.cpp"))],
+                        extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"])
+        except (RuntimeError, OSError, ImportError) as err:
+            raise RuntimeError(f"the fast step needs its C++ operators (megnet_pt/fast_mlp.cpp) compiled, which "
+                               f"failed: {err}. Install a C++ compiler and ninja, or train without the fast step") from err
+    return _ops
 
 
 def mlp_forward(x: Tensor, linears: list[nn.Linear], activation: str, activate_last: bool,
                 activate_input: bool = False) -> Tensor:
-    """The MLP of ``linears`` (activation between them, and after the last when ``activate_last``) as one node;
-    with ``activate_input``, ``x`` is a pre-activation, activated first."""
+    """The MLP of ``linears`` (activation between them, and after the last when ``activate_last``) as one autograd
+    node; with ``activate_input``, ``x`` is a pre-activation, activated first."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
     params = [t for lin in linears for t in (lin.weight, lin.bias)]
     shape = x.shape
-    if not torch.is_grad_enabled():  # inference: the same arithmetic, nothing saved, no derivative computed
-        h = x.reshape(-1, shape[-1])
-        act = F.softplus if activation == "softplus2" else F.relu
-        if activate_input:
-            h = act(h).sub_(LOG2) if activation == "softplus2" else act(h)
-        for layer, lin in enumerate(linears):
-            h = torch.addmm(lin.bias, h, lin.weight.t())
-            if layer < len(linears) - 1 or activate_last:
-                h = act(h).sub_(LOG2) if activation == "softplus2" else act(h)
-        return h.reshape(*shape[:-1], h.shape[-1])
-    out = MLPFunction.apply(x.reshape(-1, shape[-1]), activation, activate_last, activate_input, *params)
+    out = fast_ops().mlp(x.reshape(-1, shape[-1]), params, ACTIVATIONS.index(activation), activate_last, activate_input)
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
@@ -161,36 +109,18 @@ def graph_index(edge_index: Tensor, batch: Tensor, num_nodes: int, num_graphs: i
                       inv_count(batch, num_graphs))
 
 
-def _mean_by(x: Tensor, index: Tensor, inv_count: Tensor) -> Tensor:
-    return x.new_zeros(inv_count.size(0), x.size(1)).index_add(0, index, x) * inv_count
-
-
 def conv_forward(conv: nn.Module, x: Tensor, edge_attr: Tensor, state: Tensor, index: GraphIndex) -> tuple[Tensor, Tensor, Tensor]:
-    r""":class:`megnet_pt.conv.MEGNetConv`'s update with a fraction of its arithmetic and operators.
+    r""":class:`megnet_pt.conv.MEGNetConv`'s update as one autograd node (``fast_mlp.cpp``'s ``ConvFunction``).
 
     The edge MLP's first layer reads :math:`[\mathbf{v}_i \| \mathbf{v}_j \| \mathbf{e}_k \| \mathbf{u}_g]`;
     its product with :math:`W = [W_s \| W_t \| W_e \| W_u]` is computed per atom
     (:math:`\mathbf{v} [W_s \| W_t]^\top`, one product for both ends) and per graph
     (:math:`\mathbf{u} W_u^\top + \mathbf{b}`) before it is gathered to the edges, so only
     :math:`\mathbf{e}_k W_e^\top` is a product over edges: a quarter of the layer's
-    multiplications for MEGNet's sizes. The rest of each MLP is one :class:`MLPFunction`;
-    the means divide by counts computed once per forward (:class:`GraphIndex`).
+    multiplications for MEGNet's sizes. The means divide by counts computed once per forward
+    (:class:`GraphIndex`); the backward is written out.
     """
-    edge_linears = conv.edge_mlp.linears()
-    first = edge_linears[0]
-    dv, de = x.size(1), edge_attr.size(1)
-    w = first.weight
-    both_ends = x.mm(torch.cat([w[:, :dv], w[:, dv : 2 * dv]], dim=0).t())  # [N, 2 * hidden]: source | target parts
-    width = w.size(0)
-    per_graph = torch.addmm(first.bias, state, w[:, 2 * dv + de :].t())
-    pre = torch.addmm(per_graph.index_select(0, index.edge_batch), edge_attr, w[:, 2 * dv : 2 * dv + de].t())
-    pre = pre + both_ends[:, :width].index_select(0, index.source) + both_ends[:, width:].index_select(0, index.target)
-    edge_attr = mlp_forward(pre, edge_linears[1:], "softplus2", conv.edge_mlp.activate_last, activate_input=True)
-    incoming = _mean_by(edge_attr, index.target, index.inv_in_degree)
-    x = mlp_forward(torch.cat([x, incoming, state.index_select(0, index.batch)], dim=-1), conv.node_mlp.linears(),
-                    "softplus2", conv.node_mlp.activate_last)
-    edge_mean = _mean_by(edge_attr, index.edge_batch, index.inv_edges)
-    node_mean = _mean_by(x, index.batch, index.inv_nodes)
-    state = mlp_forward(torch.cat([state, edge_mean, node_mean], dim=-1), conv.state_mlp.linears(), "softplus2",
-                        conv.state_mlp.activate_last)
-    return edge_attr, x, state
+    mlps = (conv.edge_mlp, conv.node_mlp, conv.state_mlp)
+    params = [t for mlp in mlps for lin in mlp.linears() for t in (lin.weight, lin.bias)]
+    e, v, u = fast_ops().conv(x, edge_attr, state, params, list(index), [len(mlp.linears()) for mlp in mlps])
+    return e, v, u
