@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from megnet_pt.checkpoint import CheckpointError
+from megnet_pt.fast import fast_ops
 from megnet_pt.interrupt import os_error
 from paraisite.data.datasets import NAMES, DatasetError
 from paraisite.data.paths import use_base_url
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<init>_<dataset>, with a suffix for each "
                    "setting off the paper's protocol: _<recipe>, _clip<C>, _holdout<H>, _log10, _megnetlr<LR>, _swa<N>, "
-                   "_freeze<N>)")
+                   "_freeze<N>, _fast)")
     p.add_argument("--aflow-run", default=None, help="AFLOW-stage run folder for fe+af / rw+af "
                    "(default: runs/fe_aflow_agl or runs/rw_aflow_agl, _clip<C> likewise; trained there first when missing)")
     p.add_argument("--clip-grad-norm", type=float, default=None, metavar="C",
@@ -133,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "else GitHub)")
     p.add_argument("--ensemble", action="store_true", help="train the selected splits together as one vectorised model "
                    "(same results to float32 round-off); meant for a GPU, and on a CPU faster when it has several threads")
+    p.add_argument("--fast-step", action="store_true", help="on a CPU: MEGNet's and the head's MLPs and MEGNet's "
+                   "blocks as C++ autograd nodes with their backward written out (megnet_pt/fast_mlp.cpp, compiled on "
+                   "first use: needs a C++ compiler and ninja); the same model, float32 sums in another order, about "
+                   "1.3x faster a step (docs/performance.md). Default folders get a suffix _fast")
     p.add_argument("--no-cuda-graphs", action="store_true", help="with --ensemble on CUDA: launch every kernel of every "
                    "step instead of replaying the step recorded once as a CUDA graph (slower; for comparison)")
     return p
@@ -186,17 +191,22 @@ def main(argv: list[str] | None = None) -> int:
             rank, world, local_rank = distributed()
             device = process_device(args.device, world, local_rank)
             settings, off_recipe = recipe_settings(args)
-            aflow_run = args.aflow_run or str(RunDir.default_aflow(args.init, settings.get("clip_grad_norm")))
+            if args.fast_step and (args.ensemble or device.type != "cpu"):
+                raise DatasetError("--fast-step is one model at a time on a CPU: leave out --ensemble, use --device cpu")
+            aflow_run = args.aflow_run or str(RunDir.default_aflow(args.init, settings.get("clip_grad_norm"),
+                                                                   fast_step=args.fast_step))
             config = TrainConfig(init=args.init, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                                  lr=args.lr, seed=args.seed, aflow_run=aflow_run if "+af" in args.init else None,
-                                 recipe=args.recipe, **settings)
+                                 recipe=args.recipe, fast_step=args.fast_step, **settings)
             if "+af" in args.init and args.aflow_run:
                 check_given_aflow_run(config, args.splits)
             run = (RunDir(args.run_dir) if args.run_dir
-                   else RunDir.default(args.init, args.dataset, recipe=args.recipe, **off_recipe))
+                   else RunDir.default(args.init, args.dataset, recipe=args.recipe, fast_step=args.fast_step, **off_recipe))
             tasks = build_job(config, args.splits, run, tests, args.ensemble, world, train_aflow=not args.aflow_run)
             if rank == 0 and not spawned():
                 print(describe_job(tasks), file=sys.stderr)
+            if args.fast_step:
+                fast_ops()  # compiled here once (or found built), before any worker needs it
             if world == 1 and device.type == "cpu" and not args.ensemble:
                 processes, threads = cpu_processes(args.processes, parallel_tasks(tasks))
                 if processes > 1:  # the fastest path on a CPU: the tasks shared by single-thread processes

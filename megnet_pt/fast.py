@@ -103,7 +103,7 @@ def graph_index(edge_index: Tensor, batch: Tensor, num_nodes: int, num_graphs: i
 
     def inv_count(index: Tensor, size: int) -> Tensor:
         count = torch.bincount(index, minlength=size).clamp_min_(1)
-        return count.reciprocal().to(dtype).unsqueeze(-1)
+        return count.to(dtype).reciprocal().unsqueeze(-1)
 
     return GraphIndex(source, target, edge_batch, batch, inv_count(target, num_nodes), inv_count(edge_batch, num_graphs),
                       inv_count(batch, num_graphs))

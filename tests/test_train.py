@@ -135,6 +135,27 @@ def test_clipped_runs_get_folders_of_their_own(workdir, capsys):
     assert "clip_grad_norm: 10.0 there, None expected" in capsys.readouterr().err
 
 
+def test_fast_step_runs_are_recorded_named_and_kept_apart(workdir, capsys, monkeypatch):
+    """--fast-step: every step of the loop is the fast one, config.json and summary.md say so, its folder is its own,
+    and a plain run's folder is refused to it (and --ensemble with it)."""
+    from megnet_pt.fast import is_fast
+
+    plain_step = steps.PlainStep.step
+    used = []
+    monkeypatch.setattr(steps.PlainStep, "step", lambda self, b: used.append(is_fast(self.model)) or plain_step(self, b))
+    assert run_train("--init", "rw", "--dataset", "togo15", "--epochs", "1", "--splits", "1,", "--fast-step") == 0
+    run = workdir / "runs" / "rw_togo15_fast"
+    assert used and all(used)
+    assert json.loads((run / "config.json").read_text())["fast_step"] is True
+    assert "Trained with the fast step (`--fast-step`" in (run / "summary.md").read_text()
+    assert torch.load(run / "split1" / "final.pt", weights_only=True)["run"]["settings"]["fast_step"] is True
+    capsys.readouterr()
+    assert run_train("--init", "rw", "--dataset", "togo15", "--epochs", "1", "--splits", "1,", "--run-dir", str(run)) == 2
+    assert "fast_step: True there, False expected" in capsys.readouterr().err
+    assert run_train("--init", "rw", "--dataset", "togo15", "--epochs", "1", "--fast-step", "--ensemble") == 2
+    assert "--fast-step is one model at a time on a CPU" in capsys.readouterr().err
+
+
 def test_select_holdout_chooses_best_on_the_held_out_share_and_never_trains_on_it(workdir, shared, capsys):
     """--select-holdout (not the paper's protocol): best.pt by the loss on a share of the training part."""
     assert run_train("--init", "rw", "--dataset", "togo15", "--epochs", "4", "--splits", "2", "--select-holdout", "0.2") == 0

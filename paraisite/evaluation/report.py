@@ -98,10 +98,12 @@ def _fmt(mean: float, std: float | None, digits: int) -> str:
 
 
 def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardware: str = "",
-                     select_holdout: float | None = None, off_paper: dict[str, Any] | None = None) -> str:
+                     select_holdout: float | None = None, off_paper: dict[str, Any] | None = None,
+                     fast_step: bool = False) -> str:
     """Mean (std) over splits for each selection and test set, beside the paper's numbers.
 
-    ``off_paper``: the settings of the run that are not the paper's (named in a line of their own).
+    ``off_paper``: the settings of the run that are not the paper's (named in a line of their own); ``fast_step``:
+    trained with :mod:`megnet_pt.fast` (said in a line of its own).
     """
     stats = aggregate(rows)
     name = paper_name(init, dataset)
@@ -121,6 +123,9 @@ def summary_markdown(rows: list[dict[str, Any]], init: str, dataset: str, hardwa
     ]
     if off_paper:
         lines[-1:-1] = ["Not the paper's settings: " + ", ".join(f"{k} {v}" for k, v in off_paper.items()) + "."]
+    if fast_step:
+        lines[-1:-1] = ["Trained with the fast step (`--fast-step`, megnet_pt/fast_mlp.cpp): the same model, its float32 "
+                        "sums in another order than the plain step's."]
     if hardware:
         lines += [hardware, ""]
     for metric, digits in (("mape", 3), ("mape_paper_scale", 3), ("sre", 3), ("log10_mae", 3), ("spearman", 3),

@@ -337,7 +337,7 @@ def write_reports(run: RunDir, config: TrainConfig, device: torch.device) -> Non
     write_csv(run.results(), results)
     write_csv(run.predictions(), predictions)
     summary = summary_markdown(results, config.init, config.dataset, hardware(device), config.select_holdout,
-                               config.off_paper())
+                               config.off_paper(), config.fast_step)
     (run.path / "summary.md").write_text(summary + "\n")
     name = paper_name(config.init, config.dataset)
     plot_curves(curves, run.path / "curves.png", f"{name}: MAPE per epoch")

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from megnet_pt import MEGNet
 from megnet_pt.checkpoint import CheckpointError, atomic_save, check_digest, load_plain, tensors_sha256
+from megnet_pt.fast import set_fast
 
 from ..checkpoint import load_model_file, read_model_checkpoint, save_model
 from ..data.datasets import LTCDataset
@@ -94,6 +95,7 @@ class TrainConfig:
     swa_epochs: int | None = None  # not in the paper: final.pt is the mean of the weights of the last N epochs
     freeze_megnet_epochs: int | None = None  # not in the paper: MEGNet is not trained in the first N epochs
     recipe: str = "paper"  # the name of the settings above (RECIPES); the folder is named after it
+    fast_step: bool = False  # megnet_pt.fast: the same function in C++ nodes, float32 sums in another order
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,7 +110,7 @@ class TrainConfig:
         """The run a ``+af`` init starts from: the same settings on AFLOW AGL, with its own selection."""
         return TrainConfig(init=self.init.split("+")[0], dataset="aflow_agl", epochs=self.epochs,
                            batch_size=self.batch_size, lr=self.lr, seed=self.seed, cutoff=self.cutoff,
-                           clip_grad_norm=self.clip_grad_norm)
+                           clip_grad_norm=self.clip_grad_norm, fast_step=self.fast_step)
 
 
 # --- the model a split starts from -----------------------------------------------------------
@@ -226,6 +228,12 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
         raise ValueError(f"splits {group} of {data.name} have training parts of different sizes; train them one by one")
     transforms = [TargetTransform.fit(data.ltc[t]) for t in train_idx]
     models = [initial_model(config, k) for k in group]
+    if config.fast_step:
+        if stacked or M > 1 or device.type != "cpu":
+            raise ValueError("the fast step (--fast-step) is one model at a time on a CPU: train without --ensemble, "
+                             "on --device cpu")
+        for model in models:
+            set_fast(model)
     if stacked or M > 1:  # M > 1 without stacked: a stacked group's complete state, only its final models to write
         stepper = StackedStep(models, transforms, data, device, config.lr, config.clip_grad_norm, config.batch_size,
                               cuda_graphs, config.loss, config.megnet_lr)

@@ -24,6 +24,7 @@ from megnet_pt.checkpoint import CheckpointError, load_plain
 from .rundir import SELECTIONS, RunDir
 
 NOT_RECORDED = ("aflow_run",)  # where a run's folders are, not what it is
+ADDED_LATER = {"fast_step": False}  # settings newer than some files: a file without one was made at this value
 
 
 def run_record(config: dict[str, Any], inputs: dict[str, str] | None = None) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def run_record(config: dict[str, Any], inputs: dict[str, str] | None = None) -> 
 
 def record_differences(recorded: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     """What differs between two records, as ``key: A there, B expected``; inputs compared where both know them."""
-    a, b = recorded.get("settings", {}), expected.get("settings", {})
+    a, b = ADDED_LATER | recorded.get("settings", {}), ADDED_LATER | expected.get("settings", {})
     diff = [f"{k}: {a.get(k)!r} there, {b.get(k)!r} expected" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
     ia, ib = recorded.get("inputs") or {}, expected.get("inputs") or {}
     diff += [f"inputs of {name}: sha256 {ia[name][:12]}... there, {ib[name][:12]}... now (labels.csv or a structure "

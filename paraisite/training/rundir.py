@@ -49,9 +49,10 @@ class RunDir:
     @staticmethod
     def suffix(clip_grad_norm: float | None = None, select_holdout: float | None = None, *, recipe: str = "paper",
                loss: str | None = None, megnet_lr: float | None = None, swa_epochs: int | None = None,
-               freeze_megnet_epochs: int | None = None) -> str:
-        """``_<recipe>``, ``_clip<C>``, ``_holdout<H>``, ``_<loss>``, ``_megnetlr<L>``, ``_swa<N>``, ``_freeze<N>``: runs off the
-        paper's protocol never share its folders (the settings given are those not already the recipe's)."""
+               freeze_megnet_epochs: int | None = None, fast_step: bool = False) -> str:
+        """``_<recipe>``, ``_clip<C>``, ``_holdout<H>``, ``_<loss>``, ``_megnetlr<L>``, ``_swa<N>``, ``_freeze<N>``, ``_fast``:
+        runs off the paper's protocol, or of the fast step, never share its folders (the settings given are those not
+        already the recipe's)."""
         return "".join([
             f"_{recipe}" if recipe != "paper" else "",
             f"_clip{clip_grad_norm:g}" if clip_grad_norm else "",
@@ -60,6 +61,7 @@ class RunDir:
             f"_megnetlr{megnet_lr:g}" if megnet_lr else "",
             f"_swa{swa_epochs}" if swa_epochs else "",
             f"_freeze{freeze_megnet_epochs}" if freeze_megnet_epochs else "",
+            "_fast" if fast_step else "",
         ])
 
     @classmethod
@@ -69,9 +71,10 @@ class RunDir:
         return cls(Path(root) / f"{init}_{Path(dataset).name}{cls.suffix(clip_grad_norm, select_holdout, **off_paper)}")
 
     @classmethod
-    def default_aflow(cls, init: str, clip_grad_norm: float | None = None, root: str | Path = "runs") -> "RunDir":
-        """The AFLOW-stage run a ``+af`` init starts from: ``runs/<fe|rw>_aflow_agl[_clip<C>]``."""
-        return cls.default(init.split("+")[0], "aflow_agl", clip_grad_norm, None, root)
+    def default_aflow(cls, init: str, clip_grad_norm: float | None = None, root: str | Path = "runs",
+                      fast_step: bool = False) -> "RunDir":
+        """The AFLOW-stage run a ``+af`` init starts from: ``runs/<fe|rw>_aflow_agl[_clip<C>][_fast]``."""
+        return cls.default(init.split("+")[0], "aflow_agl", clip_grad_norm, None, root, fast_step=fast_step)
 
     # --- one split --------------------------------------------------------------------------
 
