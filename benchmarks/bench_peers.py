@@ -16,8 +16,8 @@ before/after in the same run. Every round runs
 each implementation in turn (ours, then the peers) on the same AFLOW
 structures and batches: graph building from parsed structures, batched
 inference, and the training step at batch 8 (``peer_worker.py`` says what
-each does). Medians over rounds are printed with the ratios ours / peer
-taken round by round (above 1: ours is faster; median and range). A split-epoch is projected as steps x step time
+each does). Medians over rounds are printed with the ratios ours (with ``--fast-step``:
+ours with the fast step) / peer taken round by round (above 1: ours is faster; median and range). A split-epoch is projected as steps x step time
 (2615 training structures, 327 steps); ``--train-epoch`` also times a real
 ``train.py`` AFLOW epoch of ours (validation and saving included).
 """
@@ -113,19 +113,21 @@ def main() -> None:
                 epochs.append(train_epoch_seconds(Path(tmp)))
     median = {label: {k: statistics.median(x[k] for x in rows) for k in ("graphs_per_s", "infer_per_s", "step_ms")}
               for label, rows in results.items()}
+    base = "fast" if args.fast_step else "ours"  # the ratios are of this row against each other
     print(f"\nOne thread each, {args.rounds} rounds (medians), batch {BATCH}, {args.structures} AFLOW structures; "
           f"split-epoch = {steps_per_epoch} steps x step\n")
     print("| implementation | graphs from structures (structures/s) | inference, batch 256 (structures/s) "
-          "| training step (ms) | AFLOW split-epoch, projected (s) | ours faster by (graphs / inference / step) |")
+          f"| training step (ms) | AFLOW split-epoch, projected (s) | {results[base][0]['name']} faster by "
+          "(graphs / inference / step) |")
     print("|---|---|---|---|---|---|")
     def paired(label: str, key: str) -> str:
-        """ours / peer round by round (the rounds ran back to back), median and range: steadier than the medians' ratio."""
-        r = [(a[key] / b[key]) if key != "step_ms" else (b[key] / a[key]) for a, b in zip(results["ours"], results[label])]
+        """base / other round by round (the rounds ran back to back), median and range: steadier than the medians' ratio."""
+        r = [(a[key] / b[key]) if key != "step_ms" else (b[key] / a[key]) for a, b in zip(results[base], results[label])]
         return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
 
     for label, _, _, tree in impls:
         m, name = median[label], results[label][0]["name"] + (f" at {tree}" if label == "before" else "")
-        ratios = "" if label == "ours" else " / ".join(paired(label, k) for k in ("graphs_per_s", "infer_per_s", "step_ms"))
+        ratios = "" if label == base else " / ".join(paired(label, k) for k in ("graphs_per_s", "infer_per_s", "step_ms"))
         print(f"| {name} | {m['graphs_per_s']:.0f} | {m['infer_per_s']:.0f} | {m['step_ms']:.1f} | "
               f"{steps_per_epoch * m['step_ms'] / 1000:.1f} | {ratios} |")
     if epochs:
