@@ -1,10 +1,12 @@
-r"""The fast step: an MLP as one autograd node, its backward written out.
+r"""The fast step: MEGNet's MLPs and blocks as a few autograd nodes, their backward written out in C++.
 
 An ``MLP([d0, ..., dk])`` of :mod:`megnet_pt.mlp` is, for autograd, ``2k`` to
 ``3k`` nodes (``addmm``, ``softplus``, ``sub`` per layer), each with its own
-dispatch, saved tensors and backward call. On a CPU with MEGNet's small
-matrices that bookkeeping costs more than the arithmetic. :class:`MLPFunction`
-is the whole MLP as one :class:`torch.autograd.Function`:
+dispatch, saved tensors and backward call; a MEGNet block adds the gathers,
+concatenations and means around its three MLPs. On a CPU with MEGNet's small
+matrices that bookkeeping costs more than the arithmetic. ``fast_mlp.cpp``
+makes a whole MLP one node (``mlp``) and a whole :class:`~megnet_pt.conv.MEGNetConv`
+update another (``conv``):
 
 .. math::
     \mathbf{z}_l = \mathbf{h}_{l-1} W_l^\top + \mathbf{b}_l,\qquad
@@ -12,8 +14,8 @@ is the whole MLP as one :class:`torch.autograd.Function`:
 
 forward saves each layer's input :math:`\mathbf{h}_{l-1}` and the derivative
 of its activation :math:`\sigma'(\mathbf{z}_l)` (softplus2: the logistic
-sigmoid; ReLU: the mask :math:`z > 0`), computed once; backward is, from the
-last layer down,
+sigmoid, computed in the same pass as softplus2 itself; ReLU: the output);
+backward is, from the last layer down,
 
 .. math::
     \mathbf{g}_l \leftarrow \mathbf{g}_l \odot \sigma'(\mathbf{z}_l),\quad
@@ -22,13 +24,14 @@ last layer down,
     \mathbf{g}_{l-1} = \mathbf{g}_l W_l
 
 one matrix product per weight gradient and one per input gradient, none for
-what needs no gradient (a frozen layer, MEGNet while its parameters are
-frozen, the input of the first layer). The forward is the same arithmetic as
-the module's (``addmm``, ``softplus - log 2``), so outputs are bit for bit the
-same; gradients agree to rounding (the sums are ordered differently), which is
-why the fast step is a switch of its own (:func:`set_fast`), recorded where a
-run records its settings. Checked against autograd by ``torch.autograd.gradcheck``
-in float64 (``tests/test_fast_step.py``).
+what needs no gradient (MEGNet while it is frozen, the input of the first
+layer). The function is the module's; the float32 sums run in another order
+and softplus2 is the kernel's own (within 2e-7 of torch's), so a run with it
+does not reproduce a plain run bit for bit: the fast step is a switch of its
+own (:func:`set_fast`, ``train.py --fast-step``), recorded where a run records
+its settings. ``fast_mlp.cpp`` is compiled on first use (:func:`fast_ops`);
+checked against autograd by ``torch.autograd.gradcheck`` in float64 and against
+the plain model's gradients (``tests/test_fast_step.py``).
 """
 from __future__ import annotations
 
@@ -56,7 +59,8 @@ def fast_ops():
                         extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"])
         except (RuntimeError, OSError, ImportError) as err:
             raise RuntimeError(f"the fast step needs its C++ operators (megnet_pt/fast_mlp.cpp) compiled, which "
-                               f"failed: {err}. Install a C++ compiler and ninja, or train without the fast step") from err
+                               f"failed: {err}. Install a C++ compiler (g++) and ninja (pip install ninja), or train without the "
+                               "fast step") from err
     return _ops
 
 

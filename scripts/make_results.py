@@ -245,27 +245,37 @@ PAIRED = [("rw_togo15", "fe_togo15", "RWTG15 vs FETG15: random vs published weig
           ("rw+af_togo15", "fe+af_togo15", "RWAFTG15 vs FEAFTG15: RWAF vs FEAF as the start of the Togo15 stage")]
 
 
-def paired_tables(found: dict[str, dict]) -> list[str]:
-    """What the published weights buy, split by split: the difference of each metric, on the splits both runs have."""
+PAIRED_STEP = [("fe_aflow_agl", "fe_aflow_agl_fast", "FEAF: the AFLOW stage"),
+               ("fe+af_togo15", "fe+af_togo15_fast", "FEAFTG15: the main job's Togo15 stage")]
+
+
+def paired_tables(found: dict[str, dict], pairs: list[tuple[str, str, str]] = PAIRED, heading: str =
+                  "What the published weights buy, split by split", labels: tuple[str, str] = ("RW", "FE"),
+                  intro: str = "") -> list[str]:
+    """Two runs of each pair on the same splits, split by split: the difference of each metric (second minus first)."""
     from scipy import stats
 
-    lines = ["## What the published weights buy, split by split", "",
-             "Each pair trained on the same nine splits; the difference is FE minus RW per split (negative MAPE, MAE, "
-             "RMSE: FE better; positive R²: FE better), its mean (sample std) over splits, how many splits FE wins, and the "
-             "two-sided p of Wilcoxon's signed-rank test on the nine differences (`scipy.stats.wilcoxon`). `final` "
-             "(the last epoch) is the honest selection; `best` is chosen on the validation part it is scored on.", ""]
-    for rw_name, fe_name, title in PAIRED:
-        if rw_name not in found or fe_name not in found:
-            continue
-        rw, fe = found[rw_name], found[fe_name]
-        own = Path(fe["config"]["dataset"]).name
-        lines += [f"### {title} (`{rw_name}` vs `{fe_name}`, on {own})", "",
-                  "| selection | metric | RW mean (std) | FE mean (std) | FE - RW, mean (std) | FE better on | Wilcoxon p |",
+    a_label, b_label = labels
+    present = [pair for pair in pairs if pair[0] in found and pair[1] in found]
+    if not present:
+        return []
+    lines = [f"## {heading}", "", (intro + " " if intro else "") +
+             f"Each pair trained on the same nine splits; the difference is {b_label} minus {a_label} per split (negative "
+             f"MAPE, MAE, RMSE: {b_label} better; positive R²: {b_label} better), its mean (sample std) over splits, how "
+             f"many splits {b_label} wins, and the two-sided p of Wilcoxon's signed-rank test on the nine differences "
+             "(`scipy.stats.wilcoxon`). `final` (the last epoch) is the honest selection; `best` is chosen on the "
+             "validation part it is scored on.", ""]
+    for a_name, b_name, title in present:
+        first, second = found[a_name], found[b_name]
+        own = Path(second["config"]["dataset"]).name
+        lines += [f"### {title} (`{a_name}` vs `{b_name}`, on {own})", "",
+                  f"| selection | metric | {a_label} mean (std) | {b_label} mean (std) | {b_label} - {a_label}, mean (std) "
+                  f"| {b_label} better on | Wilcoxon p |",
                   "|---|---|---|---|---|---|---|"]
         for selection in ("final", "best"):
             for metric, lower_better in (("mape", True), ("mae", True), ("rmse", True), ("r2", False)):
                 a, b = ({int(r["split"]): float(r[metric]) for r in run["results"]
-                         if r["test_dataset"] == own and r["selection"] == selection} for run in (rw, fe))
+                         if r["test_dataset"] == own and r["selection"] == selection} for run in (first, second))
                 splits = sorted(set(a) & set(b))
                 x, y = np.array([a[k] for k in splits]), np.array([b[k] for k in splits])
                 d = y - x
@@ -275,7 +285,7 @@ def paired_tables(found: dict[str, dict]) -> list[str]:
                 lines.append(f"| {selection} | {METRIC_TITLES.get(metric, metric)} | {x.mean():.{digits}f} ({x.std(ddof=1):.{digits}f}) "
                              f"| {y.mean():.{digits}f} ({y.std(ddof=1):.{digits}f}) | {d.mean():+.{digits}f} ({d.std(ddof=1):.{digits}f}) "
                              f"| {wins} of {len(splits)} | {p:.3f} |")
-        lines.append("")
+        lines += ["", f"Wall time: {a_label} {wall_time(first)}; {b_label} {wall_time(second)}.", ""]
     return lines
 
 
@@ -336,6 +346,7 @@ def main() -> None:
         clip += f" --megnet-lr {cfg['megnet_lr']:g}" if cfg.get("megnet_lr") else ""
         clip += f" --swa-epochs {cfg['swa_epochs']}" if cfg.get("swa_epochs") else ""
         clip += f" --freeze-megnet-epochs {cfg['freeze_megnet_epochs']}" if cfg.get("freeze_megnet_epochs") else ""
+        clip += " --fast-step" if cfg.get("fast_step") else ""
         lines += [f"### {run['name']}: `--init {cfg['init']} --dataset {cfg['dataset']}{clip}`, "
                   f"{cfg['epochs']} epochs, {n_splits} splits (`{run['folder'].name}`)", ""]
         lines += run_table(run) + ["", f"Wall time: {wall_time(run)}.", ""] + collapse_line(run)
@@ -347,6 +358,9 @@ def main() -> None:
         write_csv(dest / "curves.csv", [{"split": k, **r} for k, c in run["curves"].items() for r in c])
     lines += same_splits_tables(runs)
     lines += paired_tables(found)
+    lines += paired_tables(found, PAIRED_STEP, "The fast step against the plain one, split by split", ("plain", "fast"),
+                           "The same commands with `--fast-step` (megnet_pt/fast_mlp.cpp: the same model, its float32 sums "
+                           "in another order), against the committed runs of the plain step.")
     steps = [r for r in runs if r["name"] in ("RWTG15", "FETG15", "FEAFTG15")
              and r["config"].get("loss", "mape") == "mape" and not r["config"].get("megnet_lr")
              and not r["config"].get("swa_epochs") and not r["config"].get("freeze_megnet_epochs")]  # the paper's three steps, not the recipes off it

@@ -106,3 +106,17 @@ def test_fast_float32_gradients_match_the_plain_ones_on_a_real_batch(shared) -> 
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for name, g in grads[0].items():
         assert (grads[1][name] - g).norm() <= 1e-4 * g.norm() + 1e-6, name
+
+
+def test_a_failed_compile_is_a_clear_error(monkeypatch) -> None:
+    import torch.utils.cpp_extension
+
+    from megnet_pt import fast
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(fast, "_ops", None)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with pytest.raises(RuntimeError, match=r"fast step needs its C\+\+ operators .* Install a C\+\+ compiler"):
+        fast.fast_ops()
