@@ -245,7 +245,8 @@ PAIRED = [("rw_togo15", "fe_togo15", "RWTG15 vs FETG15: random vs published weig
           ("rw+af_togo15", "fe+af_togo15", "RWAFTG15 vs FEAFTG15: RWAF vs FEAF as the start of the Togo15 stage")]
 
 
-PAIRED_STEP = [("fe_aflow_agl", "fe_aflow_agl_fast", "FEAF: the AFLOW stage"),
+PAIRED_STEP = [("fe_togo15", "fe_togo15_fast", "FETG15: the published weights trained on Togo15"),
+               ("fe_aflow_agl", "fe_aflow_agl_fast", "FEAF: the AFLOW stage"),
                ("fe+af_togo15", "fe+af_togo15_fast", "FEAFTG15: the main job's Togo15 stage")]
 
 
