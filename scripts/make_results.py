@@ -261,9 +261,10 @@ def paired_tables(found: dict[str, dict], pairs: list[tuple[str, str, str]] = PA
     if not present:
         return []
     lines = [f"## {heading}", "", (intro + " " if intro else "") +
-             f"Each pair trained on the same nine splits; the difference is {b_label} minus {a_label} per split (negative "
+             f"Each pair trained on the same splits (those both have are compared); the difference is {b_label} minus "
+             f"{a_label} per split (negative "
              f"MAPE, MAE, RMSE: {b_label} better; positive R²: {b_label} better), its mean (sample std) over splits, how "
-             f"many splits {b_label} wins, and the two-sided p of Wilcoxon's signed-rank test on the nine differences "
+             f"many splits {b_label} wins, and the two-sided p of Wilcoxon's signed-rank test on the differences "
              "(`scipy.stats.wilcoxon`). `final` (the last epoch) is the honest selection; `best` is chosen on the "
              "validation part it is scored on.", ""]
     for a_name, b_name, title in present:
@@ -361,10 +362,15 @@ def main() -> None:
     lines += paired_tables(found)
     lines += paired_tables(found, PAIRED_STEP, "The fast step against the plain one, split by split", ("plain", "fast"),
                            "The same commands with `--fast-step` (megnet_pt/fast_mlp.cpp: the same model, its float32 sums "
-                           "in another order), against the committed runs of the plain step.")
+                           "in another order), against the committed runs of the plain step (trained on 2026-11-26 on the "
+                           "same machine, by the code of then: the plain step's own sums were ordered otherwise too, so "
+                           "these are two samples of the same training, not a bit-for-bit check). The fast AFLOW stage's "
+                           "splits 1 and 2 each hold one epoch of about 1,150 s: the job was stopped (SIGSTOP) for 19 "
+                           "minutes of benchmarks; the wall times below include it.")
     steps = [r for r in runs if r["name"] in ("RWTG15", "FETG15", "FEAFTG15")
              and r["config"].get("loss", "mape") == "mape" and not r["config"].get("megnet_lr")
-             and not r["config"].get("swa_epochs") and not r["config"].get("freeze_megnet_epochs")]  # the paper's three steps, not the recipes off it
+             and not r["config"].get("swa_epochs") and not r["config"].get("freeze_megnet_epochs")
+             and not r["config"].get("fast_step")]  # the paper's three steps, not the recipes off it
     if steps:
         plot_steps(steps, data_dir / "fig6_validation_curves.png")
         lines += ["## Validation curves of the three steps (the paper's Fig. 6)", "",
