@@ -1,4 +1,4 @@
-// The fast step's MLP (megnet_pt/fast.py): a whole MLP as one autograd node, forward and backward in C++.
+// The fast step (megnet_pt/fast.py): a whole MLP, and a whole MEGNetConv update, as one autograd node each, in C++.
 //
 //   z_l = h_{l-1} W_l^T + b_l,   h_l = act(z_l)   (h_0 = x, or act(x) with activate_input)
 //   backward, last layer first:  g <- g * act'(z_l);  dW_l = g^T h_{l-1};  db_l = sum_i g_i;  g <- g W_l
@@ -160,34 +160,42 @@ at::Tensor sum_by(const at::Tensor& x, const at::Tensor& index, int64_t size) {
   return at::zeros({size, x.size(1)}, x.options()).index_add_(0, index, x);
 }
 
-// MEGNetConv (megnet_pt/conv.py), softplus2 MLPs of three layers each (the edge MLP's last activated), as one
-// autograd node. The edge MLP's first layer W = [W_s | W_t | W_e | W_u] is applied per atom (v [W_s | W_t]^T, both
-// ends in one product), per graph (u W_u^T + b) and per edge (e W_e^T) and the parts gathered to the edges.
+// MEGNetConv (megnet_pt/conv.py), softplus2 MLPs with their last layers activated, as one autograd node. The edge
+// MLP's first layer W = [W_s | W_t | W_e | W_u] is applied per atom (v [W_s | W_t]^T, both ends in one product), per
+// graph (u W_u^T + b) and per edge (e W_e^T) and the parts gathered to the edges.
 // index: source, target, edge_batch, batch, 1/in-degree [N,1], 1/edges [B,1], 1/atoms [B,1] (megnet_pt.fast.GraphIndex)
+// params: the edge MLP's, then the node MLP's, then the state MLP's (w, b per layer); layers: their layer counts.
+// *saved (when given) gets what ConvFunction's backward reads; without it nothing is kept and no slope computed.
+variable_list conv_forward(const at::Tensor& x, const at::Tensor& e, const at::Tensor& u, at::TensorList params,
+                           at::TensorList index, const std::vector<int64_t>& layers, std::vector<at::Tensor>* saved) {
+  const at::Tensor &src = index[0], &dst = index[1], &ebatch = index[2], &nbatch = index[3];
+  const int64_t dv = x.size(1), de = e.size(1), du = u.size(1), ke = layers[0], kn = layers[1], ks = layers[2];
+  const at::Tensor& w1 = params[0];
+  const int64_t width = w1.size(0);
+  at::Tensor w_ends = w1.narrow(1, 0, 2 * dv).reshape({width, 2, dv}).transpose(0, 1).reshape({2 * width, dv});
+  at::Tensor ends = x.mm(w_ends.t());  // [N, 2 width]: source part | target part
+  at::Tensor per_graph = at::addmm(params[1], u, w1.narrow(1, 2 * dv + de, du).t());
+  at::Tensor pre = at::addmm(per_graph.index_select(0, ebatch), e, w1.narrow(1, 2 * dv, de).t());
+  pre.add_(ends.narrow(1, 0, width).index_select(0, src)).add_(ends.narrow(1, width, width).index_select(0, dst));
+  if (saved) saved->insert(saved->end(), {x, e, u, w_ends, w1});
+  at::Tensor e_new = mlp_forward(pre, params.slice(2, 2 * (ke - 1)), SOFTPLUS2, true, true, saved);
+  at::Tensor incoming = mean_by(e_new, dst, index[4]);
+  at::Tensor x_new = mlp_forward(at::cat({x, incoming, u.index_select(0, nbatch)}, 1), params.slice(2 * ke, 2 * kn),
+                                 SOFTPLUS2, true, false, saved);
+  at::Tensor u_in = at::cat({u, mean_by(e_new, ebatch, index[5]), mean_by(x_new, nbatch, index[6])}, 1);
+  at::Tensor u_new = mlp_forward(u_in, params.slice(2 * (ke + kn), 2 * ks), SOFTPLUS2, true, false, saved);
+  if (saved) saved->insert(saved->end(), index.begin(), index.end());
+  return {e_new, x_new, u_new};
+}
+
 struct ConvFunction : public torch::autograd::Function<ConvFunction> {
-  // params: the edge MLP's, then the node MLP's, then the state MLP's (w, b per layer); layers: their layer counts
   static variable_list forward(AutogradContext* ctx, at::Tensor x, at::Tensor e, at::Tensor u, at::TensorList params,
                                at::TensorList index, std::vector<int64_t> layers) {
-    const at::Tensor &src = index[0], &dst = index[1], &ebatch = index[2], &nbatch = index[3];
-    const int64_t dv = x.size(1), de = e.size(1), du = u.size(1), ke = layers[0], kn = layers[1], ks = layers[2];
-    const at::Tensor& w1 = params[0];
-    const int64_t width = w1.size(0);
-    at::Tensor w_ends = w1.narrow(1, 0, 2 * dv).reshape({width, 2, dv}).transpose(0, 1).reshape({2 * width, dv});
-    at::Tensor ends = x.mm(w_ends.t());  // [N, 2 width]: source part | target part
-    at::Tensor per_graph = at::addmm(params[1], u, w1.narrow(1, 2 * dv + de, du).t());
-    at::Tensor pre = at::addmm(per_graph.index_select(0, ebatch), e, w1.narrow(1, 2 * dv, de).t());
-    pre.add_(ends.narrow(1, 0, width).index_select(0, src)).add_(ends.narrow(1, width, width).index_select(0, dst));
-    std::vector<at::Tensor> saved{x, e, u, w_ends, w1};
-    at::Tensor e_new = mlp_forward(pre, params.slice(2, 2 * (ke - 1)), SOFTPLUS2, true, true, &saved);
-    at::Tensor incoming = mean_by(e_new, dst, index[4]);
-    at::Tensor x_new = mlp_forward(at::cat({x, incoming, u.index_select(0, nbatch)}, 1), params.slice(2 * ke, 2 * kn),
-                                   SOFTPLUS2, true, false, &saved);
-    at::Tensor u_in = at::cat({u, mean_by(e_new, ebatch, index[5]), mean_by(x_new, nbatch, index[6])}, 1);
-    at::Tensor u_new = mlp_forward(u_in, params.slice(2 * (ke + kn), 2 * ks), SOFTPLUS2, true, false, &saved);
-    saved.insert(saved.end(), index.begin(), index.end());
+    std::vector<at::Tensor> saved;
+    variable_list out = conv_forward(x, e, u, params, index, layers, &saved);
     ctx->save_for_backward(saved);
     ctx->saved_data["layers"] = layers;
-    return {e_new, x_new, u_new};
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -243,6 +251,7 @@ struct ConvFunction : public torch::autograd::Function<ConvFunction> {
 
 variable_list conv(const at::Tensor& x, const at::Tensor& e, const at::Tensor& u, std::vector<at::Tensor> params,
                    std::vector<at::Tensor> index, std::vector<int64_t> layers) {
+  if (!at::GradMode::is_enabled()) return conv_forward(x, e, u, params, index, layers, nullptr);
   return ConvFunction::apply(x, e, u, at::TensorList(params), at::TensorList(index), layers);
 }
 

@@ -86,6 +86,10 @@ def test_conv_function_passes_gradcheck() -> None:
     assert torch.autograd.gradcheck(fast, (x, e, u, *params))
     for got, want in zip(fast(x, e, u, *params), conv(x, edge_index, e, u, batch)):  # and the plain module's function
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # inference: nothing saved for a backward, the same outputs
+        for got, want in zip(fast(x, e, u, *params), conv(x, edge_index, e, u, batch)):
+            assert not got.requires_grad
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_fast_float32_gradients_match_the_plain_ones_on_a_real_batch(shared) -> None:
