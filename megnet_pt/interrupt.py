@@ -21,8 +21,11 @@ SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP"
 _PR_SET_PDEATHSIG = 1
 
 
-class Interrupted(Exception):
-    """A signal asked the command to stop; ``code`` is the exit code a shell expects (128 + the signal)."""
+class Interrupted(BaseException):
+    """A signal asked the command to stop; ``code`` is the exit code a shell expects (128 + the signal).
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: the ``except Exception`` that reports a bad structure or a
+    damaged file must not take a Ctrl-C for one."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -30,26 +33,44 @@ class Interrupted(Exception):
         self.code = 128 + signum
 
 
+_received: list[int] = []  # the signal that arrived inside the innermost stop_on_signals, if one did
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Inside: the first SIGINT, SIGTERM or SIGHUP raises :class:`Interrupted`; later ones are ignored while the
-    command unwinds (a second Ctrl-C does not cut its clean-up short). Outside, the handlers are as they were."""
+    command unwinds (a second Ctrl-C does not cut its clean-up short). Outside, the handlers are as they were.
+
+    Python drops an exception raised where it cannot propagate (in a ``__del__`` or a weakref callback: "Exception
+    ignored in ..."), so a signal that lands there would be lost: long loops call :func:`check_interrupted`, and
+    leaving the block without an exception raises it too."""
+    global _received
     if not _main_thread():
         yield
         return
-    raised = []
+    outer, _received = _received, []
+    received = _received
 
     def handler(signum, frame):
-        if not raised:
-            raised.append(signum)
+        if not received:
+            received.append(signum)
             raise Interrupted(signum)
 
     old = {s: signal.signal(s, handler) for s in SIGNALS}
     try:
         yield
+        check_interrupted()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        _received = outer
+
+
+def check_interrupted() -> None:
+    """Raise :class:`Interrupted` if a signal arrived inside :func:`stop_on_signals` (its first raise may have been
+    dropped by Python); nothing otherwise. Called between units of work, not in clean-up code."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:

@@ -58,3 +58,52 @@ def test_a_cache_build_with_workers_stops_with_them(tmp_path, shared, sig):
                            str(out), "--workers", "2", "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+class _SignallingEntry:
+    """A structure entry whose parsing is cut short by a signal, as a Ctrl-C during a one-process build is."""
+
+    id, labels = "signalled", {}
+
+    def load(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler runs at the next check of the interpreter, here
+            time.sleep(0.001)
+        raise AssertionError("the signal did not arrive")
+
+
+def test_a_signal_is_not_taken_for_a_structure_that_failed():
+    from megnet_pt.cache.workers import _convert
+    from megnet_pt.interrupt import Interrupted, stop_on_signals
+
+    with pytest.raises(Interrupted):  # not ("signalled", None, "SIGINT"): a failed structure, and the build going on
+        with stop_on_signals():
+            _convert(_SignallingEntry(), 4.0)
+
+
+class _SignalledWhileCollected:
+    """Python drops what a ``__del__`` raises ("Exception ignored in ..."): a signal landing there is one a weakref
+    callback or a finaliser swallowed, as in a cache build with workers."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            time.sleep(0.001)
+
+
+def test_a_signal_python_dropped_still_stops_the_command():
+    from megnet_pt.interrupt import Interrupted, check_interrupted, stop_on_signals
+
+    units = 0
+    with pytest.raises(Interrupted) as stopped:
+        with stop_on_signals():
+            doomed = _SignalledWhileCollected()
+            del doomed  # the handler's raise is dropped here
+            for units in range(1, 4):
+                check_interrupted()  # what a long loop calls between units of work
+    assert stopped.value.code == 128 + signal.SIGTERM and units == 1
+    check_interrupted()  # outside the block nothing is pending
+    with pytest.raises(Interrupted):  # and a block that checks nothing still ends with it
+        with stop_on_signals():
+            doomed = _SignalledWhileCollected()
+            del doomed

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from .. import paths
 from ..elements import ELEMENTS
 from ..graph import DEFAULT_CUTOFF, check_cutoff
+from ..interrupt import check_interrupted
 from ..structures import StructureInputs, collect_structures, printable_name
 from .format import (
     COMMIT_EVERY, DIGESTED_ARRAYS, EDGE_ARRAYS, GRAPH_ARRAYS, NODE_ARRAYS, RESUME_KEYS, CacheError, _attr, _create,
@@ -135,6 +136,7 @@ def _build(
         pending: list[tuple[str, dict[str, Any] | None, str | None]] = []
         try:
             for result in convert(todo):
+                check_interrupted()
                 pending.append(result)
                 if result[1] is None:
                     failures.append((result[0], result[2]))

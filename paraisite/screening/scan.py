@@ -57,6 +57,7 @@ from torch_geometric.data import Batch
 from megnet_pt.cache import GraphCache
 from megnet_pt.elements import ELEMENTS
 from megnet_pt.graph import isolated_atoms
+from megnet_pt.interrupt import check_interrupted
 from megnet_pt.predict import isolated_warning
 
 from .ensemble import Ensemble
@@ -356,6 +357,7 @@ def run_scan(cache: GraphCache, ensemble: Ensemble, out: str | Path, settings: S
                smoothing=0.05)
     if len(mine):
         for batch in cache.iter_batches(batch_size, indices=mine):
+            check_interrupted()
             pred, props, errors = predict_batch(batch, ensemble, device, properties)
             warnings = ["; ".join(w for w in pair if w) for pair in
                         zip(batch_warnings(batch, cache.cutoff, domain), impossible_warnings(pred))]

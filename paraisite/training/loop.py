@@ -41,6 +41,7 @@ from tqdm import tqdm
 from megnet_pt import MEGNet
 from megnet_pt.checkpoint import CheckpointError, atomic_save, check_digest, load_plain, tensors_sha256
 from megnet_pt.fast import set_fast
+from megnet_pt.interrupt import check_interrupted
 
 from ..checkpoint import load_model_file, read_model_checkpoint, save_model
 from ..data.datasets import LTCDataset
@@ -266,6 +267,7 @@ def _train_group(data: LTCDataset, pending: list[int], config: TrainConfig, run:
     bar = tqdm(range(start + 1, config.epochs + 1), unit="epoch", initial=start, total=config.epochs,
                desc=f"{config.init} {data.name} {name}", disable=not progress, leave=False)
     for epoch in bar:
+        check_interrupted()  # a signal Python dropped (megnet_pt.interrupt) stops the run between epochs
         t0 = time.perf_counter()
         stepper.freeze_megnet(epoch <= (config.freeze_megnet_epochs or 0))
         orders = [t[torch.randperm(n_train, generator=epoch_generator(config.seed, k, epoch)).numpy()]
