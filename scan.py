@@ -97,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="where to cache structure inputs (default: ./data/<name>_cutoff<c>.h5)")
     p.add_argument("--workers", type=int, default=cpu_cores(),
                    help="processes parsing structure files into the cache (default: every core, %(default)s here)")
-    p.add_argument("--method", default="fused", choices=("fused", "reference"),
-                   help="fused: the models stacked into one pass (fast); reference: each model's own forward (default: %(default)s)")
+    p.add_argument("--method", default="fused", choices=("fused", "reference", "fast"),
+                   help="fused: the models stacked into one pass; reference: each model's own forward; fast: each "
+                        "model's forward through megnet_pt's C++ nodes (CPU only; needs g++ and ninja at first use; "
+                        "about 1.3x fused) (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--base-url", default=None, metavar="URL", help="download the published weights (--with-eform, --with-bandgap) and the training data (warnings) from this mirror "
                    "(a URL or folder laid out as <base>/<ParAIsite|CrabNet|matgl>/<path>; default: $PARAISITE_BASE_URL, "
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.top < 0 or (args.batch_size is not None and args.batch_size < 1):
                 raise ValueError("--top must be >= 0 and --batch-size >= 1")
             device = process_device(args.device, world, local_rank)
+            if args.method == "fast" and device.type != "cpu":
+                raise ValueError(f"--method fast runs on a CPU (megnet_pt.fast), not on {device}: use --method fused there")
             if args.threads:
                 torch.set_num_threads(args.threads)
             batch_size = args.batch_size or (256 if device.type == "cuda" else 32)

@@ -1,6 +1,6 @@
 """Benchmark: screening a 30k-structure graph cache with 1 and 9 ParAIsite models.
 
-    PARAISITE_HOME=../shared python benchmarks/bench_scan.py [--repeat 10] [--workdir DIR] [--quick 3000]
+    PARAISITE_HOME=../shared python benchmarks/bench_scan.py [--repeat 10] [--workdir DIR] [--quick 3000] [--fast]
 
 Builds (or reuses, in ``--workdir``) a graph cache of the AFLOW set repeated
 ``repeat`` times (ids suffixed ``__r<k>``; 10 x 3269 = 32,690 structures,
@@ -12,7 +12,7 @@ process, so that its peak memory (``ru_maxrss``) is its own; resident memory
 is also sampled while it runs, to show that it stays flat. Configurations:
 1 and 9 models on the CPU (and on CUDA when there is a GPU), plus, for scale,
 each model's own forward one structure at a time (what the original tool
-does, minus building the graph), and (``--torchrun N``) the whole
+does, minus building the graph), with ``--fast`` ``scan.py --method fast``, and (``--torchrun N``) the whole
 ``scan.py`` command shared by N processes of one thread each, end to end.
 
 Ratios are to the one-structure-at-a-time forward measured in the same run
@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--cpu-batch-size", type=int, default=32)
     parser.add_argument("--cuda-batch-size", type=int, default=256)
     parser.add_argument("--one-at-a-time", type=int, default=300, help="structures for the one-at-a-time figure")
+    parser.add_argument("--fast", action="store_true",
+                        help="also time scan.py --method fast (megnet_pt's C++ nodes, model after model) on the CPU")
     parser.add_argument("--torchrun", type=int, default=0,
                         help="also time scan.py end to end under torchrun with this many processes (not with --quick)")
     # internal: one configuration in a child process
@@ -249,14 +251,16 @@ def main() -> None:
     common = ["--cache", str(cache)] + (["--threads", str(args.threads)] if args.threads else [])
     if args.quick:
         common += ["--quick", str(args.quick)]
-    configs = [("cpu", 1), ("cpu", 9)] + ([("cuda", 1), ("cuda", 9)] if torch.cuda.is_available() else [])
+    configs = [("cpu", 1, "fused"), ("cpu", 9, "fused")]
+    configs += [("cpu", 1, "fast"), ("cpu", 9, "fast")] if args.fast else []
+    configs += [("cuda", 1, "fused"), ("cuda", 9, "fused")] if torch.cuda.is_available() else []
     results = []
-    for device, m in configs:
+    for device, m, method in configs:
         bs = args.cuda_batch_size if device == "cuda" else args.cpu_batch_size
-        out = args.workdir / f"scan_{device}_{m}.csv"
-        print(f"timing {m} model(s) on {device}, batch {bs} (load average {load_average()}) ...", flush=True)
+        out = args.workdir / f"scan_{device}_{m}_{method}.csv"
+        print(f"timing {m} model(s) on {device}, {method}, batch {bs} (load average {load_average()}) ...", flush=True)
         results.append(run_child(["--measure", *common, "--run", str(runs[m]), "--out", str(out), "--device", device,
-                                  "--batch-size", str(bs)]))
+                                  "--batch-size", str(bs), "--method", method]))
     ddp = None
     if args.torchrun and not args.quick:
         from paraisite.screening.scan import training_domain
@@ -270,13 +274,13 @@ def main() -> None:
 
     print(f"\nscan of {results[0]['structures']} structures (load average now {load_average()})\n")
     one = single["structures_per_s"]  # model-structures/s, one structure at a time, this run
-    print("| device | models | batch | threads | structures/s | model-structures/s | x one at a time "
+    print("| device | models | method | batch | threads | structures/s | model-structures/s | x one at a time "
           "| per CPU-second: model-structures (x one at a time) | wall s | peak RSS MB | RSS at 10/50/100% MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         rate = r["structures_per_s"]
         per_cpu = r["structures"] * r["models"] / r["cpu_seconds"] if r["device"] == "cpu" else float("nan")
-        print(f"| {r['device']} | {r['models']} | {r['batch_size']} | {r['threads']} | {rate:.0f} | {rate * r['models']:.0f} "
+        print(f"| {r['device']} | {r['models']} | {r['method']} | {r['batch_size']} | {r['threads']} | {rate:.0f} | {rate * r['models']:.0f} "
               f"| {rate * r['models'] / one:.1f} | {per_cpu:.0f} ({per_cpu / one:.1f}) "
               f"| {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
               + "/".join(f"{v:.0f}" for v in r["rss_at_10_50_100_pct_mb"]) + " |")
@@ -288,7 +292,7 @@ def main() -> None:
     (args.workdir / "results.json").write_text(json.dumps({"scan": results, "torchrun": ddp, "one_at_a_time": single},
                                                           indent=2))
     print(f"\none model's own forward, one structure at a time (graphs prebuilt): {one:.0f} structures/s")
-    nine = [r for r in results if r["models"] == 9 and r["device"] == "cpu"][0]
+    nine = [r for r in results if r["models"] == 9 and r["device"] == "cpu" and r["method"] == "fused"][0]
     hours = 34000 / nine["structures_per_s"] / 3600
     print(f"34k materials x 9 models on this CPU: {hours * 60:.1f} min (one at a time: {34000 * 9 / one / 3600:.1f} h)")
 

@@ -17,6 +17,7 @@ from pymatgen.io.cif import CifWriter
 
 from conftest import working_folder
 from megnet_pt.cache import GraphCache, build_cache
+from megnet_pt.fast import is_fast
 from paraisite.screening import summary as scan_summary
 from paraisite.screening import scan as screening
 from paraisite.checkpoint import load_model_file, save_model
@@ -115,6 +116,9 @@ def test_fused_pass_matches_each_models_own_forward(run_dir, cache_path, shared,
     for per_pass in (None, 2):
         ensemble.set_models_per_pass(per_pass)
         torch.testing.assert_close(ensemble(batch), ref, rtol=2e-5, atol=1e-6)
+    fast = load_ensemble(run_dir, method="fast")  # megnet_pt's C++ nodes, model after model
+    torch.testing.assert_close(fast(batch), ref, rtol=2e-5, atol=1e-6)
+    assert is_fast(fast.models[0].megnet) and not is_fast(ensemble.models[0].megnet)
     assert ref.shape == (len(cache), 9) and (ref.std(dim=1) > 0).all()
     from megnet_pt import load_pretrained
 
@@ -168,11 +172,12 @@ def test_failing_and_unusual_structures_are_reported_not_dropped(baseline, share
         assert ("far beyond the training cells" in r["warning"]) == (int(r["n_sites"]) > 8), r
 
 
-def test_same_output_whatever_the_batch_size(baseline, run_dir, cache_path, workdir):
+def test_same_output_whatever_the_batch_size_or_method(baseline, run_dir, cache_path, workdir):
     base = read(baseline)
-    for batch_size in (1, 5):
-        out = workdir / f"bs{batch_size}" / "ltc.csv"
-        assert run_scan_cli(cache_path, "--models", run_dir, "--out", out, "--batch-size", batch_size) == 0
+    for batch_size, method in ((1, "fused"), (5, "fused"), (32, "fast")):
+        out = workdir / f"bs{batch_size}_{method}" / "ltc.csv"
+        assert run_scan_cli(cache_path, "--models", run_dir, "--out", out, "--batch-size", batch_size,
+                            "--method", method) == 0
         rows = read(out)
         assert [r["id"] for r in rows] == [r["id"] for r in base]
         assert [r["warning"] for r in rows] == [r["warning"] for r in base]
