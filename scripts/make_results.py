@@ -365,8 +365,11 @@ def main() -> None:
                            "in another order), against the committed runs of the plain step (trained on 2026-11-26 on the "
                            "same machine, by the code of then: the plain step's own sums were ordered otherwise too, so "
                            "these are two samples of the same training, not a bit-for-bit check). The fast AFLOW stage's "
-                           "splits 1 and 2 each hold one epoch of about 1,150 s: the job was stopped (SIGSTOP) for 19 "
-                           "minutes of benchmarks; the wall times below include it.")
+                           "splits 1 and 2 each hold one epoch of about 1,150 s, and splits 7 and 8 one of about 370 s: "
+                           "the job was stopped (SIGSTOP) for 19 and 6 minutes of benchmarks; the wall times below "
+                           "include them. Splits 1-6 trained on 2026-12-04 from 17:50 UTC, splits 7-9 after a resume at "
+                           "20:53 UTC by the code of 19ffdb0, whose conv node without a gradient saves nothing for a "
+                           "backward: its outputs are bit for bit those of before (checked on an AFLOW batch).")
     steps = [r for r in runs if r["name"] in ("RWTG15", "FETG15", "FEAFTG15")
              and r["config"].get("loss", "mape") == "mape" and not r["config"].get("megnet_lr")
              and not r["config"].get("swa_epochs") and not r["config"].get("freeze_megnet_epochs")

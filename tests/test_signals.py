@@ -91,6 +91,7 @@ class _SignalledWhileCollected:
             time.sleep(0.001)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped raise, provoked
 def test_a_signal_python_dropped_still_stops_the_command():
     from megnet_pt.interrupt import Interrupted, check_interrupted, stop_on_signals
 
