@@ -223,3 +223,16 @@ def test_spawn_returns_the_failing_ranks_code_and_stops_the_others(tmp_path):
     ok = tmp_path / "ok.py"
     ok.write_text("import os\nassert os.environ['WORLD_SIZE'] == '2' and os.environ['OMP_NUM_THREADS'] == '1'\n")
     assert spawn(str(ok), [], processes=2, threads=1) == 0
+
+
+def test_a_barrier_whose_peer_stopped_says_so_not_gloo(monkeypatch):
+    from paraisite.training.processes import barrier
+
+    def peer_gone():
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:3460. GLHF!")
+
+    monkeypatch.setattr(torch.distributed, "barrier", peer_gone)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match=r"^process 2 of 2: another process of this job stopped before it got here"):
+        barrier(2)
+    barrier(1)  # one process: no barrier at all

@@ -28,8 +28,14 @@ def distributed() -> tuple[int, int, int]:
 
 
 def barrier(world: int) -> None:
+    """Wait for every process of the job; a clear error, not gloo's, when one of them stopped first."""
     if world > 1:
-        torch.distributed.barrier()
+        try:
+            torch.distributed.barrier()
+        except RuntimeError as exc:  # gloo raises a plain RuntimeError ("Connection closed by peer")
+            rank = os.environ.get("RANK", "?")
+            raise RuntimeError(f"process {int(rank) + 1 if rank.isdigit() else rank} of {world}: another process of "
+                               "this job stopped before it got here; its error, above, says why") from exc
 
 
 def process_device(name: str, world: int, local_rank: int) -> torch.device:
