@@ -54,6 +54,51 @@ void softplus2_kernel(const float* __restrict z, float* __restrict h, float* __r
   }
 }
 
+// z <- softplus2(z + r) in place, r the per-row addend of each row (below), and slope = sigmoid(z + r) when given.
+// The addend is the bias b (a Linear layer: one pass less than addmm, which copies b into its output first), or
+// for the edge MLP's first layer b + the per-graph, source and target parts gathered to the edge (conv_forward),
+// added in addmm's order, so the sums are the same as unfused.
+struct RowAddend {
+  const float* bias;  // [cols]
+  const float *graph = nullptr, *ends = nullptr;  // [B, cols] (bias included); [N, 2 cols]: source | target part
+  const int64_t *ebatch = nullptr, *src = nullptr, *dst = nullptr;
+};
+
+// one row: z <- softplus2(z + a [+ s + t]), slope when given
+template <bool kEnds, bool kSlope>
+inline void softplus2_row(float* __restrict z, float* __restrict slope, const float* __restrict a,
+                          const float* __restrict s, const float* __restrict t, int64_t cols) {
+  const float ln2 = 0.693147180559945309f;
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) {
+    float v = z[j] + a[j];
+    if constexpr (kEnds) v = (v + s[j]) + t[j];
+    float e = exp_nonpositive(-std::fabs(v)), q = 1.0f / (1.0f + e);
+    z[j] = (v > 0.0f ? v : 0.0f) + log1p_unit(e) - ln2;
+    if constexpr (kSlope) slope[j] = v >= 0.0f ? q : e * q;
+  }
+}
+
+template <bool kEnds, bool kSlope>
+void softplus2_rows_of(float* z, float* slope, int64_t rows, int64_t cols, const RowAddend& r) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* a = kEnds ? r.graph + r.ebatch[i] * cols : r.bias;
+    const float* s = kEnds ? r.ends + r.src[i] * 2 * cols : nullptr;
+    const float* t = kEnds ? r.ends + r.dst[i] * 2 * cols + cols : nullptr;
+    softplus2_row<kEnds, kSlope>(z + i * cols, kSlope ? slope + i * cols : nullptr, a, s, t, cols);
+  }
+}
+
+void softplus2_rows(float* z, float* slope, int64_t rows, int64_t cols, const RowAddend& r) {
+  if (r.ends) {
+    slope ? softplus2_rows_of<true, true>(z, slope, rows, cols, r) : softplus2_rows_of<true, false>(z, slope, rows, cols, r);
+  } else {
+    slope ? softplus2_rows_of<false, true>(z, slope, rows, cols, r) : softplus2_rows_of<false, false>(z, slope, rows, cols, r);
+  }
+}
+
+bool fusable(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.device().is_cpu(); }
+
 // act(z); *saved gets what the backward reads (softplus2: the slope; ReLU: the output).
 at::Tensor activate(const at::Tensor& z, int64_t act, at::Tensor* saved) {
   if (act == RELU) {
@@ -71,6 +116,17 @@ at::Tensor activate(const at::Tensor& z, int64_t act, at::Tensor* saved) {
   softplus2_kernel(zc.data_ptr<float>(), h.data_ptr<float>(), saved ? slope.data_ptr<float>() : nullptr, zc.numel());
   if (saved) *saved = slope;
   return h;
+}
+
+// act(h W^T + b), *saved as activate's; float32 softplus2 on a CPU adds the bias in the activation's pass.
+at::Tensor linear_activate(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b, int64_t act, at::Tensor* saved) {
+  if (act != SOFTPLUS2 || !fusable(h)) return activate(at::addmm(b, h, w.t()), act, saved);
+  at::Tensor z = h.mm(w.t()), bias = b.contiguous();
+  at::Tensor slope = saved ? at::empty_like(z) : at::Tensor();
+  softplus2_rows(z.data_ptr<float>(), saved ? slope.data_ptr<float>() : nullptr, z.size(0), z.size(1),
+                 RowAddend{bias.data_ptr<float>()});
+  if (saved) *saved = slope;
+  return z;
 }
 
 at::Tensor activation_backward(const at::Tensor& g, const at::Tensor& saved, int64_t act) {
@@ -91,9 +147,9 @@ at::Tensor mlp_forward(const at::Tensor& x, at::TensorList params, int64_t act, 
   if (tape) tape->push_back(input_saved);
   for (size_t l = 0; l < k; ++l) {
     const at::Tensor &w = params[2 * l], &b = params[2 * l + 1];
-    at::Tensor z = at::addmm(b, h, w.t()), act_saved;
+    at::Tensor act_saved;
     if (tape) tape->push_back(h);
-    h = (l < k - 1 || activate_last) ? activate(z, act, tape ? &act_saved : nullptr) : z;
+    h = (l < k - 1 || activate_last) ? linear_activate(h, w, b, act, tape ? &act_saved : nullptr) : at::addmm(b, h, w.t());
     if (tape) {
       tape->push_back(act_saved);
       tape->push_back(w);
@@ -175,10 +231,23 @@ variable_list conv_forward(const at::Tensor& x, const at::Tensor& e, const at::T
   at::Tensor w_ends = w1.narrow(1, 0, 2 * dv).reshape({width, 2, dv}).transpose(0, 1).reshape({2 * width, dv});
   at::Tensor ends = x.mm(w_ends.t());  // [N, 2 width]: source part | target part
   at::Tensor per_graph = at::addmm(params[1], u, w1.narrow(1, 2 * dv + de, du).t());
-  at::Tensor pre = at::addmm(per_graph.index_select(0, ebatch), e, w1.narrow(1, 2 * dv, de).t());
-  pre.add_(ends.narrow(1, 0, width).index_select(0, src)).add_(ends.narrow(1, width, width).index_select(0, dst));
   if (saved) saved->insert(saved->end(), {x, e, u, w_ends, w1});
-  at::Tensor e_new = mlp_forward(pre, params.slice(2, 2 * (ke - 1)), SOFTPLUS2, true, true, saved);
+  at::Tensor e_new;
+  if (fusable(e)) {  // h = softplus2(e W_e^T + per_graph[g] + ends_s[i] + ends_t[j]) in one pass over the edges
+    at::Tensor h = e.mm(w1.narrow(1, 2 * dv, de).t()), graph = per_graph.contiguous();
+    at::Tensor eb = ebatch.contiguous(), s = src.contiguous(), t = dst.contiguous();
+    at::Tensor slope = saved ? at::empty_like(h) : at::Tensor();
+    RowAddend parts{nullptr, graph.data_ptr<float>(), ends.data_ptr<float>(), eb.data_ptr<int64_t>(),
+                    s.data_ptr<int64_t>(), t.data_ptr<int64_t>()};
+    softplus2_rows(h.data_ptr<float>(), saved ? slope.data_ptr<float>() : nullptr, h.size(0), width, parts);
+    const size_t input_at = saved ? saved->size() : 0;
+    e_new = mlp_forward(h, params.slice(2, 2 * (ke - 1)), SOFTPLUS2, true, false, saved);
+    if (saved) (*saved)[input_at] = slope;  // the first layer's activation, as activate_input would have saved it
+  } else {
+    at::Tensor pre = at::addmm(per_graph.index_select(0, ebatch), e, w1.narrow(1, 2 * dv, de).t());
+    pre.add_(ends.narrow(1, 0, width).index_select(0, src)).add_(ends.narrow(1, width, width).index_select(0, dst));
+    e_new = mlp_forward(pre, params.slice(2, 2 * (ke - 1)), SOFTPLUS2, true, true, saved);
+  }
   at::Tensor incoming = mean_by(e_new, dst, index[4]);
   at::Tensor x_new = mlp_forward(at::cat({x, incoming, u.index_select(0, nbatch)}, 1), params.slice(2 * ke, 2 * kn),
                                  SOFTPLUS2, true, false, saved);
