@@ -56,13 +56,19 @@ def stop_on_signals() -> Iterator[None]:
             received.append(signum)
             raise Interrupted(signum)
 
+    def unraisable(info) -> None:  # the dropped raise is remembered: no "Exception ignored" traceback for it
+        if not isinstance(info.exc_value, Interrupted):
+            old_unraisable(info)
+
     old = {s: signal.signal(s, handler) for s in SIGNALS}
+    old_unraisable, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
         check_interrupted()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        sys.unraisablehook = old_unraisable
         _received = outer
 
 
